@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -83,7 +84,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     meta = {"adapter_name": adapter_name,
             "base_shapes": {p: list(l.weight.shape) for p, l in layers},
             "fused_slices": {p: l.mask for p, l in layers if isinstance(l, LoraFusedLinear)},
-            "init": cfg.init}
+            "init": cfg.init,
+            # lorakit-only settings PEFT's config has no field for:
+            "config": {"fused_slices": cfg.fused_slices, "strict": cfg.strict}}
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     conv1d = any(getattr(l, "fan_in_fan_out", False) for _, l in layers)
@@ -226,7 +229,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                "exclude_modules": None, "layers_to_transform": None,
                                "fused_slices": fused, "strict": True})
     apply_lora(model, inject_cfg, adapter_name, ranks=ranks)
-    lora_state(model).configs[adapter_name] = cfg
+    lora_state(model).configs[adapter_name] = replace(cfg, **meta.get("config", {}))
     with torch.no_grad():
         for mod_path, parts in groups.items():
             layer = model.get_submodule(mod_path)
