@@ -37,6 +37,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# PEFT options that change what the adapter computes; loading one without them would be wrong.
+UNSUPPORTED_PEFT_FIELDS = ("alora_invocation_tokens", "layer_replication", "trainable_token_indices",
+                           "target_parameters", "use_qalora", "use_bdlora", "megatron_config")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
                        r"lora_embedding_B|base_layer\.bias)$")
 
@@ -138,6 +141,10 @@ def config_from_peft(data: dict) -> LoraConfig:
             raise LoraError(f"adapter_config.json lacks {key!r}; it is not a LoRA adapter config")
     if data.get("use_dora"):
         raise LoraError("this adapter uses DoRA (use_dora=true), which lorakit does not load yet")
+    unsupported = [k for k in UNSUPPORTED_PEFT_FIELDS if data.get(k)]
+    if unsupported:
+        raise LoraError(f"this adapter uses PEFT features lorakit cannot reproduce: {unsupported}; "
+                        "loading it would silently compute something else")
     if data.get("lora_bias"):
         raise LoraError("this adapter has lora_bias=true (a bias on lora_B), which lorakit does not "
                         "load")
@@ -220,6 +227,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if has_lora(model) and adapter_name in lora_state(model).configs:
         raise LoraError(f"the model already has an adapter named {adapter_name!r}; pass another "
                         "adapter_name or delete_adapter first")
+    cfg = _heads_in_model(model, cfg)
     groups, extra = _group_keys(tensors)
     fused = meta.get("fused_slices", {})
     ranks = _check_lora_tensors(model, groups, meta.get("base_shapes", {}), fused, path)
@@ -244,6 +252,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             param.copy_(extra[key])
     from lorakit.adapters import set_trainable
     return set_trainable(model, adapter_name, trainable)
+
+
+def _heads_in_model(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
+    """``cfg`` without the modules_to_save entries that name no module of ``model``, and without repeats.
+
+    PEFT's task_type="SEQ_CLS" (and "TOKEN_CLS") adds both "classifier" and "score" to the
+    saved modules_to_save whatever the model has, and PEFT skips names that match nothing. Loading does
+    the same, because the file's keys are the truth: a head whose weights are in the file but not in the
+    model is still refused (as an unexpected key). apply_lora stays strict: there an unmatched name is
+    a typo.
+    """
+    from lorakit.targeting import candidate_modules
+    names = [n for n, _ in candidate_modules(model)]
+    kept = [p for p in dict.fromkeys(cfg.modules_to_save or [])
+            if any(n == p or n.endswith("." + p) for n in names)]
+    return cfg if kept == (cfg.modules_to_save or []) else replace(cfg, modules_to_save=kept or None)
 
 
 def _group_keys(tensors: dict) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:

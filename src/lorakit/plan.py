@@ -87,6 +87,10 @@ class LoraPlan:
 
 def plan_lora(model: nn.Module, cfg: LoraConfig) -> LoraPlan:
     """Everything apply_lora would do, computed without touching the model."""
+    if not isinstance(cfg, LoraConfig):      # PEFT's config is also called LoraConfig: an easy slip
+        raise LoraError(f"expected a lorakit.LoraConfig, got {type(cfg).__module__}."
+                        f"{type(cfg).__qualname__}; build one with lorakit.LoraConfig(r=8, alpha=16, "
+                        "target_modules=[...]) (PEFT's lora_alpha is alpha here, lora_dropout dropout)")
     cfg.validate()
     targets = find_targets(model, cfg)
     rows = []

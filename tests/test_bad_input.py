@@ -1,0 +1,349 @@
+"""User mistakes, one table: each must raise LoraError, say what is wrong or how to fix it, and change
+nothing (DESIGN.md: "a refused call leaves the model exactly as it was").
+
+A case is (id, setup, action, expected substrings). ``setup(model, folder)`` builds the situation
+(an adapter on the model, a damaged file on disk); then the model's tensors (bitwise), module types,
+requires_grad flags, adapter bookkeeping and every file under ``folder`` are recorded, ``action`` must
+raise, and all of it must read the same afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from conftest import TinyNet, randomize_adapters
+from lorakit.layers import LoraLayer
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def tiny(**kw) -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet(**kw).eval()
+
+
+def cfg(**kw) -> lorakit.LoraConfig:
+    return lorakit.LoraConfig(**{"r": 4, "alpha": 8, "target_modules": ["query", "value"], **kw})
+
+
+# --- setups -----------------------------------------------------------------------------------------
+def adapted(model, folder, **kw):
+    lorakit.apply_lora(model, cfg(**kw))
+    randomize_adapters(model)
+
+
+def two_adapters_merged(model, folder):
+    adapted(model, folder)
+    lorakit.add_adapter(model, "other", cfg(target_modules=["query"]))
+    lorakit.merge_lora(model)
+
+
+def nan_in_a_factor(model, folder):
+    adapted(model, folder)
+    with torch.no_grad():                     # the last layer: earlier ones would merge first
+        model.layers[1].value.lora["default"].B[0, 0] = math.nan
+
+
+def two_adapters_with_heads(model, folder):
+    adapted(model, folder, modules_to_save=["classifier"])
+    lorakit.add_adapter(model, "other", cfg(modules_to_save=["classifier"]))
+
+
+def saved(source=None, **kw):
+    """Setup: an adapter saved from ``source`` (default: an identical TinyNet) into folder/adapter."""
+    def setup(model, folder):
+        other = source() if source else tiny()
+        adapted(other, folder, **kw)
+        lorakit.save_adapter(other, folder / "adapter")
+    return setup
+
+
+def saved_then(edit, **kw):
+    """Setup: a good adapter, then ``edit(folder / "adapter")`` damages it."""
+    def setup(model, folder):
+        saved(**kw)(model, folder)
+        edit(folder / "adapter")
+    return setup
+
+
+def config_edit(**changes):
+    """Set (or, with value ``...``, delete) fields of adapter_config.json."""
+    def edit(adapter):
+        data = json.loads((adapter / CONFIG).read_text())
+        for key, value in changes.items():
+            if value is ...:
+                del data[key]
+            else:
+                data[key] = value
+        (adapter / CONFIG).write_text(json.dumps(data))
+    return edit
+
+
+def tensor_edit(change, keep_meta=True):
+    """Rewrite adapter_model.safetensors after ``change(tensors)`` (keys without the prefix)."""
+    def edit(adapter):
+        path = str(adapter / WEIGHTS)
+        with safe_open(path, "pt") as handle:
+            meta = handle.metadata()
+        tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(path).items()}
+        change(tensors)
+        save_file({"base_model.model." + k: v for k, v in tensors.items()}, path,
+                  metadata=meta if keep_meta else {"format": "pt"})
+    return edit
+
+
+def rename(old, new):
+    def change(tensors):
+        for key in [k for k in tensors if k.startswith(old + ".")]:
+            tensors[new + key[len(old):]] = tensors.pop(key)
+    return change
+
+
+def truncate(adapter):
+    data = (adapter / WEIGHTS).read_bytes()
+    (adapter / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+def scramble_header(adapter):
+    data = bytearray((adapter / WEIGHTS).read_bytes())
+    data[8:40] = b"\xff\xfe garbage \x00" * 2 + b"\x13" * 8
+    (adapter / WEIGHTS).write_bytes(bytes(data))
+
+
+class _Trap:
+    """Unpickling this creates ``marker``: proof that a file was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def pickle_beside_config(model, folder):
+    """A PEFT folder as old versions wrote it: adapter_model.bin (a pickle), no safetensors."""
+    saved()(model, folder)
+    (folder / "adapter" / WEIGHTS).unlink()
+    (folder / "adapter" / "adapter_model.bin").write_bytes(pickle.dumps(_Trap(folder / "UNPICKLED")))
+
+
+def pickle_file(model, folder):
+    (folder / "adapter.pt").write_bytes(pickle.dumps(_Trap(folder / "UNPICKLED")))
+
+
+def head_for_score(adapter):
+    """The config names a "score" head (as PEFT's SEQ_CLS does) and the file really holds its weights,
+    though this model has no such module."""
+    config_edit(modules_to_save=["classifier", "score"])(adapter)
+    tensor_edit(lambda t: t.update({"score.weight": torch.zeros(3, 32)}))(adapter)
+
+
+def only_config(model, folder):
+    saved()(model, folder)
+    (folder / "adapter" / WEIGHTS).unlink()
+
+
+# --- actions ----------------------------------------------------------------------------------------
+def apply(**kw):
+    return lambda model, folder: lorakit.apply_lora(model, cfg(**kw))
+
+
+def load(name="adapter", **kw):
+    return lambda model, folder: lorakit.load_adapter(model, folder / name, **kw)
+
+
+def call(fn, *args, **kw):
+    return lambda model, folder: fn(model, *args, **kw)
+
+
+CASES = [
+    # --- config values: refused when the LoraConfig is made ---------------------------------------
+    ("r-zero", None, apply(r=0), ["r=0", "positive integer"]),
+    ("r-negative", None, apply(r=-2), ["r=-2"]),
+    ("r-float", None, apply(r=4.0), ["r=4.0", "integer"]),
+    ("r-string", None, apply(r="8"), ["r='8'"]),
+    ("r-bool", None, apply(r=True), ["r=True"]),
+    ("alpha-zero", None, apply(alpha=0), ["alpha=0", "positive finite"]),
+    ("alpha-nan", None, apply(alpha=math.nan), ["alpha=nan"]),
+    ("alpha-inf", None, apply(alpha=math.inf), ["alpha=inf"]),
+    ("dropout-negative", None, apply(dropout=-0.1), ["dropout=-0.1", "[0, 1)"]),
+    ("dropout-one", None, apply(dropout=1.0), ["dropout=1.0", "[0, 1)"]),
+    ("bias-unknown", None, apply(bias="lora"), ["bias='lora'", "'lora_only'"]),
+    ("init-unknown", None, apply(init="xavier"), ["init='xavier'", "'gaussian'"]),
+    ("targets-empty-list", None, apply(target_modules=[]), ["target_modules is empty", "all-linear"]),
+    ("targets-none", None, apply(target_modules=None), ["target_modules is empty"]),
+    ("targets-bad-regex", None, apply(target_modules="layers\\.(query"), ["not a valid regex",
+                                                                         "list of suffixes"]),
+    ("targets-empty-string-in-list", None, apply(target_modules=["query", ""]), ["non-empty strings"]),
+    ("rank-pattern-zero", None, apply(rank_pattern={"query": 0}), ["rank_pattern['query']=0"]),
+    ("alpha-pattern-negative", None, apply(alpha_pattern={"value": -1}), ["alpha_pattern['value']=-1"]),
+    ("fused-slices-all-false", None, apply(target_modules=["qkv"], fused_slices={"qkv": [False] * 3}),
+     ["fused_slices['qkv']", "at least one True"]),
+    ("fused-slices-uneven", None, apply(target_modules=["qkv"], fused_slices={"qkv": [True] * 5}),
+     ["out_features=48", "does not divide evenly"]),
+    ("layers-to-transform-negative", None, apply(layers_to_transform=[-1]), ["layers_to_transform=[-1]"]),
+    ("config-unknown-field", None, call(lambda m: lorakit.LoraConfig.from_dict({"rank": 8})),
+     ["['rank']", "known fields"]),
+    ("config-not-a-loraconfig", None, call(lorakit.apply_lora, {"r": 8, "target_modules": ["query"]}),
+     ["lorakit.LoraConfig", "builtins.dict"]),
+    # --- targeting -------------------------------------------------------------------------------
+    ("target-typo", None, apply(target_modules=["qeury"]), ["'qeury'", "did you mean ['query'"]),
+    ("one-of-two-targets-typo", None, apply(target_modules=["query", "vlaue"]),
+     ["['vlaue']", "did you mean ['value'"]),
+    ("target-regex-matches-nothing", None, apply(target_modules=r"layers\.\d\.qkvo"),
+     ["matched no module"]),
+    ("target-layernorm", None, apply(target_modules=["norm"]), ["'layers.0.norm'", "LayerNorm",
+                                                                "nn.Linear"]),
+    ("target-container", None, apply(target_modules=["layers.0"]), ["is Block", "'layers.0.query'"]),
+    ("layers-to-transform-removes-all", None, apply(layers_to_transform=[7]), ["removed them all"]),
+    ("modules-to-save-typo", None, apply(modules_to_save=["clasifier"]), ["'clasifier'", "classifier"]),
+    ("adapter-name-with-dot", None, call(lorakit.apply_lora, cfg(), adapter_name="task.a"),
+     ["'task.a'", "without dots"]),
+    # --- several adapters ------------------------------------------------------------------------
+    ("duplicate-adapter-name", adapted, apply(), ["'default' already exists", "delete_adapter"]),
+    ("duplicate-via-add-adapter", adapted, call(lorakit.add_adapter, "default", cfg()),
+     ["'default' already exists"]),
+    ("set-adapter-unknown", adapted, call(lorakit.set_adapter, "other"),
+     ["no adapter named 'other'", "['default']"]),
+    ("set-adapter-on-bare-model", None, call(lorakit.set_adapter, "default"),
+     ["no LoRA adapters", "apply_lora"]),
+    ("delete-adapter-unknown", adapted, call(lorakit.delete_adapter, "dflt"), ["'dflt'", "['default']"]),
+    ("two-active-heads", two_adapters_with_heads, call(lorakit.set_adapter, ["default", "other"]),
+     ["modules_to_save", "only one of them"]),
+    ("merged-then-set-adapter", two_adapters_merged, call(lorakit.set_adapter, "other"),
+     ["merged", "unmerge_lora(model)"]),
+    ("merged-then-delete-adapter", two_adapters_merged, call(lorakit.delete_adapter, "default"),
+     ["'default' is merged", "unmerge_lora(model)"]),
+    ("merge-with-nan", nan_in_a_factor, call(lorakit.merge_lora),
+     ["NaN", "'layers.1.value'", "nothing was changed"]),
+    ("save-bare-model", None, call(lorakit.save_adapter, "never-written"), ["no LoRA adapters"]),
+    ("save-unknown-adapter", adapted, call(lorakit.save_adapter, "never-written", adapter_name="x"),
+     ["no adapter named 'x'"]),
+    # --- loading: paths and files ----------------------------------------------------------------
+    ("load-missing-dir", None, load("nowhere"), ["nowhere", "does not exist"]),
+    ("load-dir-without-safetensors", only_config, load(), [f"has no {WEIGHTS}", CONFIG]),
+    ("load-pickle-bin", pickle_beside_config, load(), ["adapter_model.bin", "never unpickles",
+                                                       "safetensors"]),
+    ("load-pt-path", pickle_file, load("adapter.pt"), ["adapter.pt", "is a pickle file"]),
+    ("load-missing-config", saved_then(lambda a: (a / CONFIG).unlink()), load(),
+     [f"has no {CONFIG}", "save_pretrained"]),
+    ("load-malformed-json", saved_then(lambda a: (a / CONFIG).write_text('{"r": 4,')), load(),
+     ["not valid JSON"]),
+    ("load-json-not-object", saved_then(lambda a: (a / CONFIG).write_text("[4, 8]")), load(),
+     ["JSON object", "list"]),
+    ("load-peft-type-ia3", saved_then(config_edit(peft_type="IA3")), load(), ["peft_type='IA3'", "LORA"]),
+    ("load-config-missing-r", saved_then(config_edit(r=...)), load(), ["lacks 'r'"]),
+    ("load-config-r-string", saved_then(config_edit(r="4")), load(), ["r='4'"]),
+    ("load-use-dora", saved_then(config_edit(use_dora=True)), load(), ["DoRA", "use_dora"]),
+    ("load-layer-replication", saved_then(config_edit(layer_replication=[[0, 2], [1, 2]])), load(),
+     ["layer_replication", "silently"]),
+    ("load-lora-bias", saved_then(config_edit(lora_bias=True)), load(), ["lora_bias"]),
+    ("load-pissa-init", saved_then(config_edit(init_lora_weights="pissa")), load(),
+     ["init_lora_weights='pissa'", "convert"]),
+    ("load-truncated-safetensors", saved_then(truncate), load(), [WEIGHTS, "corrupt or truncated"]),
+    ("load-corrupt-bytes", saved_then(scramble_header), load(), [WEIGHTS, "corrupt or truncated"]),
+    # --- loading: contents vs this model ---------------------------------------------------------
+    ("load-missing-lora-B", saved_then(tensor_edit(lambda t: t.pop("layers.0.value.lora_B.weight"))),
+     load(), ["layers.0.value.lora_B is missing"]),
+    ("load-unexpected-key",
+     saved_then(tensor_edit(lambda t: t.update({"layers.0.mystery.weight": torch.ones(2)}))), load(),
+     ["unexpected key 'base_model.model.layers.0.mystery.weight'"]),
+    ("load-no-lora-keys", saved_then(tensor_edit(lambda t: t.clear())), load(), ["no LoRA weights"]),
+    ("load-wider-base", saved(source=lambda: tiny(d=32)), load(),
+     ["'layers.0.query'", "(32, 32)", "(16, 16)", "Nothing was changed"]),
+    ("load-wider-base-no-metadata", saved_then(tensor_edit(lambda t: None, keep_meta=False),
+                                               source=lambda: tiny(d=32)), load(),
+     ["'layers.0.query'", "A(4, 32) B(32, 4)", "in_features=16", "A(4, 16) B(16, 4)"]),
+    ("load-rank-of-A-and-B-disagree",
+     saved_then(tensor_edit(lambda t: t.update({"layers.0.query.lora_B.weight": torch.ones(16, 2)}))),
+     load(), ["'layers.0.query'", "B(16, 2)"]),
+    ("load-module-model-lacks", saved_then(tensor_edit(rename("layers.1.query", "layers.5.query"))),
+     load(), ["'layers.5.query'", "does not have"]),
+    ("load-target-is-layernorm-here", saved_then(tensor_edit(rename("layers.0.query", "layers.0.norm"))),
+     load(), ["'layers.0.norm'", "LayerNorm"]),
+    ("load-bias-shape", saved_then(tensor_edit(lambda t: t.update(
+        {"layers.0.query.base_layer.bias": torch.ones(5)})), bias="lora_only"), load(),
+     ["'layers.0.query'", "(5,)", "(16,)"]),
+    ("load-head-missing-from-file",
+     saved_then(tensor_edit(lambda t: [t.pop(k) for k in ("classifier.weight", "classifier.bias")]),
+                modules_to_save=["classifier"]), load(), ["modules_to_save weights missing",
+                                                          "classifier.weight"]),
+    ("load-head-other-shape", saved(source=lambda: tiny(classes=5), modules_to_save=["classifier"]),
+     load(), ["'classifier.bias'", "(5,)", "(3,)", "another base model"]),
+    ("load-head-model-lacks", saved_then(head_for_score, modules_to_save=["classifier"]), load(),
+     ["unexpected key 'base_model.model.score.weight'"]),
+    ("load-name-taken", lambda m, f: (adapted(m, f), saved()(m, f)), load(),
+     ["already has an adapter named 'default'"]),
+]
+
+
+# --- the check --------------------------------------------------------------------------------------
+def snapshot(model, folder) -> dict:
+    """Everything a refused call must leave alone, compared bitwise (NaN-safe, unlike torch.equal)."""
+    state = model.__dict__.get("_lorakit")
+    return {
+        "tensors": {k: (v.dtype, tuple(v.shape), v.detach().contiguous().numpy().tobytes())
+                    for k, v in model.state_dict().items()},
+        "modules": [(n, type(m)) for n, m in model.named_modules()],
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "adapters": None if state is None else copy.deepcopy(state.__dict__),
+        "layers": {n: (list(m.active_adapters), list(m.merged_adapters)) for n, m in model.named_modules()
+                   if isinstance(m, LoraLayer)},
+        "files": {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                  for p in sorted(folder.rglob("*")) if p.is_file()},
+    }
+
+
+@pytest.mark.parametrize("setup, action, expected", [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_refused_with_helpful_message_and_nothing_changed(setup, action, expected, tmp_path):
+    model = tiny()
+    if setup is not None:
+        setup(model, tmp_path)
+    before = snapshot(model, tmp_path)
+
+    with pytest.raises(lorakit.LoraError) as err:
+        action(model, tmp_path)
+
+    message = str(err.value)
+    for part in expected:
+        assert part in message, f"{part!r} not in the message: {message}"
+    after = snapshot(model, tmp_path)
+    for aspect in before:
+        assert after[aspect] == before[aspect], f"{aspect} changed by a refused call"
+    assert not (tmp_path / "UNPICKLED").exists(), "a pickle was unpickled"
+
+
+def test_snapshot_sees_changes(tmp_path):
+    """The table proves nothing if the snapshot were blind: a call that succeeds must show up in it."""
+    model = tiny()
+    saved()(model, tmp_path)
+    before = snapshot(model, tmp_path)
+    lorakit.load_adapter(model, tmp_path / "adapter")
+    truncate(tmp_path / "adapter")
+    after = snapshot(model, tmp_path)
+    assert all(after[aspect] != before[aspect] for aspect in before)
+
+
+def test_table_is_big_and_ids_unique():
+    ids = [c[0] for c in CASES]
+    assert len(ids) >= 30 and len(set(ids)) == len(ids)
+
+
+def test_pickle_trap_is_live(tmp_path):
+    """The pickle cases prove something only if unpickling the payload really leaves the marker."""
+    pickle.loads(pickle.dumps(_Trap(tmp_path / "marker")))
+    assert (tmp_path / "marker").exists()
+
+
+def test_loraerror_is_a_valueerror():
+    assert issubclass(lorakit.LoraError, ValueError)
