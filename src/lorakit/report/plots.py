@@ -1,0 +1,56 @@
+"""The seeds' figures: validation metric and loss against training time, one line per method, and
+the cost of each method (trainable parameters, peak memory, training time) as bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LABELS = {"val_auc": "validation AUC", "val_accuracy": "validation accuracy",
+          "val_loss": "validation loss"}
+
+
+def curves_vs_time(results: dict, key: str, path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, run in results["methods"].items():
+        history = run.get("history") or []
+        if history and key in history[0]:
+            ax.plot([h["time_s"] for h in history], [h[key] for h in history], marker="o",
+                    markersize=3, label=method)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel(LABELS.get(key, key))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2 if len(results["methods"]) > 6 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def cost_bars(results: dict, path: Path) -> Path:
+    """Trainable parameters (log scale), peak memory split into before-training and training, time."""
+    runs = {m: r for m, r in results["methods"].items() if "trainable_params" in r}
+    names = list(runs)
+    before = [runs[m].get("baseline_memory_mb", 0.0) for m in names]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    axes[0].bar(names, [runs[m]["trainable_params"] for m in names], color="tab:blue")
+    axes[0].set_yscale("log")
+    axes[0].set_title("trainable parameters")
+    axes[1].bar(names, before, color="tab:gray", label="model + data, before training")
+    axes[1].bar(names, [runs[m]["peak_memory_mb"] - b for m, b in zip(names, before)], bottom=before,
+                color="tab:orange", label="added by training")
+    axes[1].set_title("peak memory (MB)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    axes[2].bar(names, [runs[m]["train_time_s"] for m in names], color="tab:blue")
+    axes[2].set_title("training time (s)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

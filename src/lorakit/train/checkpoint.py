@@ -1,0 +1,108 @@
+"""Atomic training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a folder ``checkpoints/step-00000100/`` with
+    trainable.safetensors   the parameters that train (adapter factors, heads, or all of them)
+    state.pt                optimizer, scheduler, step, RNG states (torch, numpy, python), best so far;
+                            tensors, numbers and strings only, read back with weights_only=True
+    COMPLETE                written last
+It is built under a temporary name, every file fsync'ed, then renamed into place, so a run killed at
+any moment leaves either a whole checkpoint or an ignored ``.tmp-*`` folder, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.errors import LoraError
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(cached)],
+            "python": _python_state_to_list(random.getstate()),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_list(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, scheduler,
+                    extra: dict, keep: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), "extra": extra}, tmp / "state.pt")
+    (tmp / "COMPLETE").write_text(str(step))
+    for path in tmp.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(folder)
+    for old in complete_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Whole checkpoints, oldest first; temporary and unfinished folders are ignored."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step-*") if (p / "COMPLETE").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore the trainable weights, optimizer, scheduler and RNG; return the saved state."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing or any(n not in params for n in weights):
+        raise LoraError(f"checkpoint {path} does not fit this model (missing {missing[:3]}); was it "
+                        "written by another task, method or config? Use a fresh --out")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state

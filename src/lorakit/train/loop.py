@@ -1,0 +1,237 @@
+"""The training loop: plain PyTorch, readable top to bottom.
+
+    for step in 0..max_steps-1:
+        for each of grad_accum micro-batches: loss = task loss / grad_accum; loss.backward()
+        clip the global grad norm; AdamW step; schedule step (linear warmup, then cosine/linear decay)
+        every eval_every steps: validation metrics -> metrics.jsonl; early stop after `patience` evals
+        every checkpoint_every steps: an atomic checkpoint (train/checkpoint.py)
+
+Time on the x-axis of the seeds' plots is *training* time: evaluation and checkpoint time are
+measured but not counted in ``time_s``. Runs are seeded and, on CPU, deterministic: the batch order is
+a function of (seed, step), and resuming restores every RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorakit.errors import LoraError
+from lorakit.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.train.data import TensorData, batch_indices, eval_batches
+from lorakit.train.memory import current_rss_mb, peak_memory_mb, reset_peak, resolve_device
+from lorakit.train.metrics import HIGHER_IS_BETTER, classification_loss, classification_metrics
+from lorakit.train.settings import TrainSettings
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(settings: TrainSettings):
+    warmup = int(settings.warmup_frac * settings.max_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if settings.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(settings.max_steps - warmup, 1)
+        if settings.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def param_groups(model: nn.Module, settings: TrainSettings) -> list[dict]:
+    """Trainable parameters, with those of ``model.head_modules`` (set by methods.apply_method) in a
+    group of their own at ``settings.head_lr``: a randomly initialised head needs larger steps than
+    pretrained weights being fine-tuned."""
+    heads = tuple(f"{name}." for name in getattr(model, "head_modules", []))
+    head, body = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if heads and settings.head_lr and name.startswith(heads) else body).append(param)
+    if not head and not body:
+        raise LoraError("no parameter requires grad: nothing would train. Check the method / "
+                        "load_adapter(..., trainable=True)")
+    groups = [{"params": body, "lr": settings.lr}] if body else []
+    return groups + ([{"params": head, "lr": settings.head_lr}] if head else [])
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings):
+    params = param_groups(model, settings)
+    if settings.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
+    return optimizer, scheduler
+
+
+def evaluate(model: nn.Module, task, data: TensorData, device, settings: TrainSettings) -> dict:
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad(), autocast(device, settings.precision):
+        for batch in eval_batches(data, max(settings.batch_size, 64)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits.append(task.forward(model, batch).float().cpu())
+            labels.append(batch["labels"].cpu())
+    model.train(was_training)
+    return classification_metrics(torch.cat(logits), torch.cat(labels))
+
+
+def train(model: nn.Module, task, train_data: TensorData, val_data: TensorData,
+          settings: TrainSettings, out_dir: str | Path, resume: bool = False,
+          progress: bool = True) -> dict:
+    """Train ``model`` (already prepared by a method) and return the run's result record."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(settings.device)
+    seed_everything(settings.seed)
+    model.to(device).train()
+    optimizer, scheduler = make_optimizer(model, settings)
+    reset_peak(device)
+    baseline_mb = current_rss_mb() if device.type == "cpu" else 0.0
+
+    start_step, train_time, history, best = 0, 0.0, [], None
+    checkpoints = complete_checkpoints(out / "checkpoints")
+    if resume and checkpoints:
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        start_step = state["step"]
+        train_time, best = state["extra"]["train_time"], state["extra"].get("best")
+        history = _read_history(out / "metrics.jsonl", start_step)
+    elif not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    metric = task.metric
+    better = HIGHER_IS_BETTER[metric]
+    evals_since_best, stopped_early, interrupted = 0, False, False
+    bar = _progress(settings.max_steps, start_step, progress, f"{task.name}/{getattr(model, '_method', '')}")
+    step = start_step
+    try:
+        while step < settings.max_steps:
+            tick = time.perf_counter()
+            loss = _optimizer_step(model, task, train_data, settings, optimizer, scheduler, device, step)
+            train_time += time.perf_counter() - tick
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if step % settings.eval_every == 0 or step == settings.max_steps:
+                record = {"step": step, "time_s": round(train_time, 3), "train_loss": loss,
+                          **evaluate(model, task, val_data, device, settings)}
+                history.append(record)
+                with open(out / "metrics.jsonl", "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                bar.write(_format_record(record))
+                if best is None or (record[metric] > best[metric]) == better and \
+                        record[metric] != best[metric]:
+                    best, evals_since_best = record, 0
+                else:
+                    evals_since_best += 1
+                if settings.patience and evals_since_best >= settings.patience:
+                    stopped_early = True
+            if settings.checkpoint_every and step % settings.checkpoint_every == 0 or stopped_early:
+                save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
+                                {"train_time": train_time, "best": best}, settings.keep_checkpoints)
+            if stopped_early:
+                bar.write(f"early stop at step {step}: no {metric} gain in {settings.patience} evals")
+                break
+        if step == settings.max_steps and step > start_step and not (
+                settings.checkpoint_every and step % settings.checkpoint_every == 0):
+            save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
+                            {"train_time": train_time, "best": best}, settings.keep_checkpoints)
+    except KeyboardInterrupt:
+        interrupted = True
+        save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
+                        {"train_time": train_time, "best": best}, settings.keep_checkpoints)
+        bar.write(f"interrupted at step {step}: checkpoint saved; continue with --resume")
+    finally:
+        bar.close()
+
+    params = list(model.parameters())
+    return {
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "total_params": sum(p.numel() for p in params),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "baseline_memory_mb": round(baseline_mb, 1),
+        "train_time_s": round(train_time, 2),
+        "steps": step, "device": str(device), "stopped_early": stopped_early,
+        "interrupted": interrupted,
+        "best": {k: v for k, v in (best or {}).items() if k.startswith("val_") or k == "step"},
+        "history": history, "settings": settings.to_dict(),
+    }
+
+
+def _optimizer_step(model, task, data, settings, optimizer, scheduler, device, step) -> float:
+    total = 0.0
+    for micro in range(settings.grad_accum):
+        index = batch_indices(len(data), settings.batch_size, settings.seed,
+                              step * settings.grad_accum + micro)
+        batch = {k: v.to(device, non_blocking=True) for k, v in data.take(index).items()}
+        with autocast(device, settings.precision):
+            logits = task.forward(model, batch)
+        loss = classification_loss(logits, batch["labels"]) / settings.grad_accum
+        if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            if settings.skip_nonfinite:
+                return float("nan")
+            raise LoraError(f"loss became {loss.item()} at step {step + 1}; lower --lr or use "
+                            "--skip-nonfinite. The last checkpoint is kept as it was")
+        loss.backward()
+        total += loss.item()
+    if settings.grad_clip:
+        params = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _read_history(path: Path, up_to_step: int) -> list[dict]:
+    """Evaluation records already written, up to the resumed checkpoint (later ones are redone)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r["step"] <= up_to_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _format_record(record: dict) -> str:
+    parts = [f"step {record['step']:>5}", f"t={record['time_s']:.1f}s"]
+    parts += [f"{k[4:]}={v:.4f}" for k, v in record.items() if k.startswith("val_")]
+    return "  ".join(parts)
+
+
+class _Silent:
+    def update(self, n): pass
+    def set_postfix(self, **kw): pass
+    def write(self, text): print(text, flush=True)
+    def close(self): pass
+
+
+def _progress(total: int, start: int, enabled: bool, label: str):
+    if not enabled:
+        return _Silent()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, desc=label, unit="step", dynamic_ncols=True)

@@ -1,0 +1,88 @@
+"""One training run end to end: task data + model + method -> train -> files in ``out/``.
+
+    out/metrics.jsonl      one line per evaluation (step, training time, metrics)
+    out/result.json        the run's record (params, memory, times, best metrics, history)
+    out/adapter/           for LoRA methods: the PEFT-format adapter
+    out/trainable.safetensors  for other methods: the weights that trained
+    out/checkpoints/       atomic checkpoints for --resume
+
+For LoRA methods the saved adapter is checked end to end before the run counts as done: loaded onto a
+freshly built base it must reproduce the trained model's validation logits, and so must that model
+after ``merge_and_unload`` (the deployable form). The differences go into result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lorakit.errors import LoraError
+from lorakit.inject import merge_and_unload
+from lorakit.io import load_adapter, save_adapter
+from lorakit.state import has_lora
+from lorakit.tasks import get_task
+from lorakit.tasks.base import ModelOptions
+from lorakit.train.checkpoint import trainable_state
+from lorakit.train.loop import seed_everything, train
+from lorakit.train.settings import TrainSettings
+
+
+def run_training(task_name: str, method: str, out: str | Path, quick: bool = False,
+                 overrides: dict | None = None, options: ModelOptions | None = None,
+                 resume: bool = False, data_dir: str | None = None, progress: bool = True) -> dict:
+    started = time.perf_counter()
+    task = get_task(task_name)
+    settings: TrainSettings = task.settings(method, quick).replace(**(overrides or {}))
+    seed_everything(settings.seed)
+    train_data, val_data = task.load_data(quick=quick, seed=settings.seed, data_dir=data_dir)
+    seed_everything(settings.seed)
+    model = task.build_model(method, options or ModelOptions())
+    model._method = method
+    out = Path(out)
+    result = train(model, task, train_data, val_data, settings, out, resume=resume, progress=progress)
+    result.update(task=task_name, method=method, quick=quick,
+                  n_train=len(train_data), n_val=len(val_data),
+                  size_on_disk_bytes=_save_weights(model, out))
+    if has_lora(model):
+        result["adapter_check"] = check_adapter(model, task, method, options or ModelOptions(),
+                                                val_data, out / "adapter")
+    result["wall_time_s"] = round(time.perf_counter() - started, 2)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _save_weights(model, out: Path) -> int:
+    """Save what this method trained; return its size on disk in bytes."""
+    if has_lora(model):
+        folder = save_adapter(model, out / "adapter")
+        return sum(p.stat().st_size for p in folder.iterdir())
+    path = out / "trainable.safetensors"
+    save_file(trainable_state(model), str(path))
+    return path.stat().st_size
+
+
+CHECK_ROWS = 32
+CHECK_TOLERANCE = 1e-3      # max |logit difference| in fp32; observed ~1e-6 (summation order)
+
+
+def check_adapter(model, task, method: str, options, val_data, folder: Path) -> dict:
+    """Reload the saved adapter onto a fresh base, merge it, and compare logits with the trained model."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in val_data.take(torch.arange(min(CHECK_ROWS, len(val_data)))).items()}
+    fresh = task.build_model("full", options).to(device)     # the pretrained base + a new random head
+    reloaded = load_adapter(fresh, folder)
+    outputs = {}
+    with torch.no_grad():
+        for name, candidate in (("trained", model), ("reloaded", reloaded)):
+            outputs[name] = task.forward(candidate.eval(), batch).float()
+        outputs["merged"] = task.forward(merge_and_unload(reloaded).eval(), batch).float()
+    diffs = {f"{name}_max_abs_diff": (outputs[name] - outputs["trained"]).abs().max().item()
+             for name in ("reloaded", "merged")}
+    if max(diffs.values()) > CHECK_TOLERANCE:
+        raise LoraError(f"the saved adapter in {folder} does not reproduce the trained model "
+                        f"({diffs}); please report this as a bug")
+    return {**diffs, "rows": len(batch["labels"])}
