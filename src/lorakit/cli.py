@@ -23,6 +23,7 @@ from pathlib import Path
 from lorakit.cli_experiments import add_compare, add_demo, add_train
 from lorakit.config import ALL_LINEAR
 from lorakit.errors import LoraError
+from lorakit.io import folder_bytes
 
 MB = 2**20
 REGEX_CHARS = set("*+?[](){}|^$\\")
@@ -69,7 +70,7 @@ def cmd_inspect(args) -> int:
           f"{'rsLoRA ' if cfg.rslora else ''}scale={cfg.scale_for(plan.rows[0].name):.3g}\n")
     print(plan)
     with tempfile.TemporaryDirectory() as tmp:         # measure the real file, header and all
-        adapter_bytes = _dir_bytes(save_adapter(apply_lora(model, cfg), tmp))
+        adapter_bytes = folder_bytes(save_adapter(apply_lora(model, cfg), tmp))
     model_bytes, source = model_size(loaded.path, plan.base_params)
     print(f"\ntotal params:      {plan.total_params:,} (base {plan.base_params:,} + LoRA "
           f"{plan.lora_params:,}" + (f" + modules_to_save copies {sum(plan.saved_modules.values()):,}"
@@ -173,7 +174,7 @@ def cmd_merge(args) -> int:
              f"merged reloaded from {out}": (with_adapter - from_disk).abs().max().item()}
     for name, value in diffs.items():
         print(f"max |adapter model - {name}| on a sample input: {value:.2e}")
-    print(f"wrote merged model + tokenizer to {out} ({_dir_bytes(out) / MB:.1f} MB)")
+    print(f"wrote merged model + tokenizer to {out} ({folder_bytes(out) / MB:.1f} MB)")
     if not max(diffs.values()) <= MERGE_TOLERANCE:
         raise LoraError(f"merged outputs differ from the adapter model's by {max(diffs.values()):.2e} "
                         f"(> {MERGE_TOLERANCE}); the adapter may hold extreme values. Check it with "
@@ -220,10 +221,6 @@ def _add_model_task(p, auto: bool = False) -> None:
 def _split(text: str | None) -> list[str] | None:
     items = [t.strip() for t in (text or "").split(",") if t.strip()]
     return items or None
-
-
-def _dir_bytes(path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def build_parser() -> argparse.ArgumentParser:

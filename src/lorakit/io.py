@@ -102,6 +102,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return out
 
 
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file under ``path``: what an adapter (or a saved model) costs on disk."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def _atomic_write(target: Path, write) -> None:
     """Write to a temp file beside ``target``, fsync, then rename: a crash never leaves half a file."""
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from lorakit.errors import LoraError
 from lorakit.inject import merge_and_unload
-from lorakit.io import load_adapter, save_adapter
+from lorakit.io import folder_bytes, load_adapter, save_adapter
 from lorakit.state import has_lora
 from lorakit.tasks import get_task
 from lorakit.tasks.base import ModelOptions
@@ -40,7 +40,8 @@ def run_training(task_name: str, method: str, out: str | Path, quick: bool = Fal
     seed_everything(settings.seed)
     train_data, val_data = task.load_data(quick=quick, seed=settings.seed, data_dir=data_dir)
     seed_everything(settings.seed)
-    model = task.build_model(method, options or ModelOptions())
+    options = options or ModelOptions()
+    model = task.build_model(method, options)
     model._method = method
     out = Path(out)
     result = train(model, task, train_data, val_data, settings, out, resume=resume, progress=progress)
@@ -48,8 +49,8 @@ def run_training(task_name: str, method: str, out: str | Path, quick: bool = Fal
                   n_train=len(train_data), n_val=len(val_data),
                   size_on_disk_bytes=_save_weights(model, out))
     if has_lora(model):
-        result["adapter_check"] = check_adapter(model, task, method, options or ModelOptions(),
-                                                val_data, out / "adapter")
+        result["adapter_check"] = verify_saved_adapter(model, task, options, val_data,
+                                                       out / "adapter")
     result["wall_time_s"] = round(time.perf_counter() - started, 2)
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
@@ -58,8 +59,7 @@ def run_training(task_name: str, method: str, out: str | Path, quick: bool = Fal
 def _save_weights(model, out: Path) -> int:
     """Save what this method trained; return its size on disk in bytes."""
     if has_lora(model):
-        folder = save_adapter(model, out / "adapter")
-        return sum(p.stat().st_size for p in folder.iterdir())
+        return folder_bytes(save_adapter(model, out / "adapter"))
     path = out / "trainable.safetensors"
     save_file(trainable_state(model), str(path))
     return path.stat().st_size
@@ -69,7 +69,7 @@ CHECK_ROWS = 32
 CHECK_TOLERANCE = 1e-3      # max |logit difference| in fp32; observed ~1e-6 (summation order)
 
 
-def check_adapter(model, task, method: str, options, val_data, folder: Path) -> dict:
+def verify_saved_adapter(model, task, options, val_data, folder: Path) -> dict:
     """Reload the saved adapter onto a fresh base, merge it, and compare logits with the trained model."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in val_data.take(torch.arange(min(CHECK_ROWS, len(val_data)))).items()}
