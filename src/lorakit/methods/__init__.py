@@ -3,13 +3,19 @@
     full    every parameter trains (the baseline LoRA is measured against)
     frozen  the pretrained body is frozen; only the task head trains
     lora    LoRA on the task's target matrices (the paper: attention q, v), plus the head
+    ...     the baselines of the paper (bitfit, ia3, adapter-houlsby, adapter-lin, prefix) and the
+            LoRA family (dora, rslora, pissa, lora-plus, adalora, relora, galore), each in its own
+            module, imported only when asked for (``METHODS`` maps name -> "module:function")
 
-Each method takes the model and an AdaptSpec and returns the model, ready for the training loop.
-Issue 4's family (bitfit, ia3, adapters, prefix, dora, ...) registers here under its own names.
+Each method takes the model and an AdaptSpec, freezes what it does not train (the task head always
+trains), and returns the model, ready for the training loop. A method that changes *how* training
+runs (its optimizer, schedule, or per-step work) attaches ``model.train_hooks`` (train/hooks.py).
+``spec.r`` is every method's size knob: LoRA rank, adapter bottleneck width, prefix length, GaLore rank.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -27,6 +33,7 @@ class AdaptSpec:
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
+    extra: dict = field(default_factory=dict)         # method-specific knobs (e.g. lora_plus_ratio)
 
 
 def _full(model: nn.Module, spec: AdaptSpec) -> nn.Module:
@@ -47,12 +54,36 @@ def _lora(model: nn.Module, spec: AdaptSpec) -> nn.Module:
     return apply_lora(model, cfg)
 
 
-METHODS = {"full": _full, "frozen": _frozen, "lora": _lora}
+METHODS = {
+    "full": _full, "frozen": _frozen, "lora": _lora,
+    # the paper's baselines (seed 001)
+    "bitfit": "lorakit.methods.bitfit:apply_bitfit",
+    "ia3": "lorakit.methods.ia3:apply_ia3",
+    "adapter-houlsby": "lorakit.methods.adapters:apply_houlsby",
+    "adapter-lin": "lorakit.methods.adapters:apply_lin",
+    "prefix": "lorakit.methods.prefix:apply_prefix",
+    # the LoRA family (seeds 002, 004)
+    "dora": "lorakit.methods.dora:apply_dora",
+    "rslora": "lorakit.methods.lora_variants:apply_rslora",
+    "pissa": "lorakit.methods.lora_variants:apply_pissa",
+    "lora-plus": "lorakit.methods.lora_variants:apply_lora_plus",
+    "adalora": "lorakit.methods.adalora:apply_adalora",
+    "relora": "lorakit.methods.relora:apply_relora",
+    "galore": "lorakit.methods.galore:apply_galore",
+}
+
+
+def method_function(method: str):
+    if method not in METHODS:
+        raise LoraError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    found = METHODS[method]
+    if isinstance(found, str):
+        module, name = found.split(":")
+        found = getattr(importlib.import_module(module), name)
+    return found
 
 
 def apply_method(model: nn.Module, method: str, spec: AdaptSpec) -> nn.Module:
-    if method not in METHODS:
-        raise LoraError(f"unknown method {method!r}; available: {sorted(METHODS)}")
-    model = METHODS[method](model, spec)
+    model = method_function(method)(model, spec)
     model.head_modules = list(spec.head)       # the training loop gives these TrainSettings.head_lr
     return model

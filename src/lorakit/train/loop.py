@@ -27,6 +27,7 @@ from torch import nn
 from lorakit.errors import LoraError
 from lorakit.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from lorakit.train.data import TensorData, batch_indices, eval_batches
+from lorakit.train.hooks import hooks_of
 from lorakit.train.memory import current_rss_mb, peak_memory_mb, reset_peak, resolve_device
 from lorakit.train.metrics import HIGHER_IS_BETTER, classification_loss, classification_metrics
 from lorakit.train.settings import TrainSettings
@@ -38,10 +39,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_lambda(settings: TrainSettings):
+def lr_lambda(settings: TrainSettings, hooks=None):
     warmup = int(settings.warmup_frac * settings.max_steps)
 
     def factor(step: int) -> float:
+        return hooks.lr_factor(step, schedule(step)) if hooks else schedule(step)
+
+    def schedule(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if settings.schedule == "constant":
@@ -76,17 +80,21 @@ def param_groups(model: nn.Module, settings: TrainSettings) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings):
-    params = param_groups(model, settings)
-    if settings.optimizer == "sgd":
+    hooks = hooks_of(model)
+    params = hooks.param_groups(model, settings, param_groups(model, settings))
+    optimizer = hooks.make_optimizer(params, settings)      # GaLore brings its own
+    if optimizer is None and settings.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                     weight_decay=settings.weight_decay)
-    else:
+    elif optimizer is None:
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings, hooks))
     return optimizer, scheduler
 
 
 def evaluate(model: nn.Module, task, data: TensorData, device, settings: TrainSettings) -> dict:
+    if hasattr(task, "evaluate"):               # tasks whose metric is not a classifier's (BLEU)
+        return task.evaluate(model, data, device, settings)
     was_training = model.training
     model.eval()
     logits, labels = [], []
@@ -116,6 +124,7 @@ def train(model: nn.Module, task, train_data: TensorData, val_data: TensorData,
     checkpoints = complete_checkpoints(out / "checkpoints")
     if resume and checkpoints:
         state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        hooks_of(model).load_state_dict(state["extra"].get("hooks", {}))
         start_step = state["step"]
         train_time, best = state["extra"]["train_time"], state["extra"].get("best")
         history = _read_history(out / "metrics.jsonl", start_step)
@@ -151,18 +160,18 @@ def train(model: nn.Module, task, train_data: TensorData, val_data: TensorData,
                     stopped_early = True
             if settings.checkpoint_every and step % settings.checkpoint_every == 0 or stopped_early:
                 save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                                {"train_time": train_time, "best": best}, settings.keep_checkpoints)
+                                _extra(model, train_time, best), settings.keep_checkpoints)
             if stopped_early:
                 bar.write(f"early stop at step {step}: no {metric} gain in {settings.patience} evals")
                 break
         if step == settings.max_steps and step > start_step and not (
                 settings.checkpoint_every and step % settings.checkpoint_every == 0):
             save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                            {"train_time": train_time, "best": best}, settings.keep_checkpoints)
+                            _extra(model, train_time, best), settings.keep_checkpoints)
     except KeyboardInterrupt:
         interrupted = True
         save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                        {"train_time": train_time, "best": best}, settings.keep_checkpoints)
+                        _extra(model, train_time, best), settings.keep_checkpoints)
         bar.write(f"interrupted at step {step}: checkpoint saved; continue with --resume")
     finally:
         bar.close()
@@ -189,7 +198,7 @@ def _optimizer_step(model, task, data, settings, optimizer, scheduler, device, s
         batch = {k: v.to(device, non_blocking=True) for k, v in data.take(index).items()}
         with autocast(device, settings.precision):
             logits = task.forward(model, batch)
-        loss = classification_loss(logits, batch["labels"]) / settings.grad_accum
+        loss = task_loss(task, logits, batch) / settings.grad_accum
         if not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             if settings.skip_nonfinite:
@@ -198,13 +207,27 @@ def _optimizer_step(model, task, data, settings, optimizer, scheduler, device, s
                             "--skip-nonfinite. The last checkpoint is kept as it was")
         loss.backward()
         total += loss.item()
+    hooks = hooks_of(model)
+    hooks.after_backward(step, model)
     if settings.grad_clip:
         params = [p for p in model.parameters() if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
     optimizer.step()
+    hooks.after_step(step, model, optimizer)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+def task_loss(task, logits, batch) -> torch.Tensor:
+    """The task's own loss (language modelling) or cross-entropy / BCE on ``batch["labels"]``."""
+    if hasattr(task, "loss"):
+        return task.loss(logits, batch)
+    return classification_loss(logits, batch["labels"])
+
+
+def _extra(model, train_time: float, best) -> dict:
+    return {"train_time": train_time, "best": best, "hooks": hooks_of(model).state_dict()}
 
 
 def _read_history(path: Path, up_to_step: int) -> list[dict]:
