@@ -2,7 +2,8 @@
 
     out/metrics.jsonl      one line per evaluation (step, training time, metrics)
     out/result.json        the run's record (params, memory, times, best metrics, history)
-    out/adapter/           for LoRA methods: the PEFT-format adapter
+    out/adapter/           for LoRA methods: the PEFT-format adapter; for methods with their own
+                           format (``model.method_io``, e.g. ia3, adapters, prefix), theirs
     out/trainable.safetensors  for other methods: the weights that trained
     out/checkpoints/       atomic checkpoints for --resume
 
@@ -48,7 +49,7 @@ def run_training(task_name: str, method: str, out: str | Path, quick: bool = Fal
     result.update(task=task_name, method=method, quick=quick,
                   n_train=len(train_data), n_val=len(val_data),
                   size_on_disk_bytes=_save_weights(model, out))
-    if has_lora(model):
+    if has_lora(model) or getattr(model, "method_io", None) is not None:
         result["adapter_check"] = verify_saved_adapter(model, task, options, val_data,
                                                        out / "adapter")
     result["wall_time_s"] = round(time.perf_counter() - started, 2)
@@ -58,6 +59,9 @@ def run_training(task_name: str, method: str, out: str | Path, quick: bool = Fal
 
 def _save_weights(model, out: Path) -> int:
     """Save what this method trained; return its size on disk in bytes."""
+    method_io = getattr(model, "method_io", None)
+    if method_io is not None:
+        return folder_bytes(method_io.save(model, out / "adapter"))
     if has_lora(model):
         return folder_bytes(save_adapter(model, out / "adapter"))
     path = out / "trainable.safetensors"
@@ -70,18 +74,25 @@ CHECK_TOLERANCE = 1e-3      # max |logit difference| in fp32; observed ~1e-6 (su
 
 
 def verify_saved_adapter(model, task, options, val_data, folder: Path) -> dict:
-    """Reload the saved adapter onto a fresh base, merge it, and compare logits with the trained model."""
+    """Reload the saved adapter onto a fresh base, merge it, and compare logits with the trained model.
+
+    A method with its own format (``model.method_io``: ``save(model, folder)``, ``load(base, folder)``
+    and, where the method can be folded into the weights, ``merge(model) -> plain model``) is checked
+    the same way through its own functions."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in val_data.take(torch.arange(min(CHECK_ROWS, len(val_data)))).items()}
     fresh = task.build_model("full", options).to(device)     # the pretrained base + a new random head
-    reloaded = load_adapter(fresh, folder)
+    method_io = getattr(model, "method_io", None)
+    reloaded = method_io.load(fresh, folder) if method_io else load_adapter(fresh, folder)
+    merge = getattr(method_io, "merge", None) if method_io else merge_and_unload
     outputs = {}
     with torch.no_grad():
         for name, candidate in (("trained", model), ("reloaded", reloaded)):
             outputs[name] = task.forward(candidate.eval(), batch).float()
-        outputs["merged"] = task.forward(merge_and_unload(reloaded).eval(), batch).float()
+        if merge is not None:
+            outputs["merged"] = task.forward(merge(reloaded).eval(), batch).float()
     diffs = {f"{name}_max_abs_diff": (outputs[name] - outputs["trained"]).abs().max().item()
-             for name in ("reloaded", "merged")}
+             for name in ("reloaded", "merged") if name in outputs}
     if max(diffs.values()) > CHECK_TOLERANCE:
         raise LoraError(f"the saved adapter in {folder} does not reproduce the trained model "
                         f"({diffs}); please report this as a bug")
