@@ -82,6 +82,8 @@ def add_compare(sub) -> None:
     _add_train_flags(p, single_run=False)
     p.add_argument("--methods", help="comma-separated (default: the task's set)")
     p.add_argument("--fresh", action="store_true", help="retrain methods that already finished in --out")
+    p.add_argument("--sizes", help="comma-separated sizes (LoRA rank, adapter width, prefix length): each "
+                                   "sized method runs once per size, as METHOD-rSIZE (the paper's Figure 2)")
     p.set_defaults(run=cmd_compare)
 
 
@@ -89,8 +91,10 @@ def cmd_compare(args) -> int:
     from lorakit.cli import _split
     from lorakit.compare import run_compare
 
+    sizes = [parse_size(s) for s in _split(args.sizes) or []]
     run_compare(args.task, _split(args.methods), args.out, quick=args.quick,
-                train_args=_passthrough(args), data_dir=args.data_dir, fresh=args.fresh)
+                train_args=_passthrough(args), data_dir=args.data_dir, fresh=args.fresh,
+                sizes=sizes or None)
     return 0
 
 
@@ -127,3 +131,10 @@ def _passthrough(args) -> list[str]:
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
     return argv + (["--no-progress"] if args.no_progress else [])
+
+
+def parse_size(text: str) -> int:
+    from lorakit.errors import LoraError
+    if not text.isdigit() or int(text) < 1:
+        raise LoraError(f"--sizes item {text!r} is not a positive whole number; e.g. --sizes 2,8,32")
+    return int(text)

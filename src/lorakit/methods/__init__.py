@@ -73,6 +73,11 @@ METHODS = {
 }
 
 
+# Methods whose trainable-parameter count does not depend on spec.r (galore's rank sizes its optimizer
+# state, not what trains): `compare --sizes` runs them once.
+UNSIZED = frozenset({"full", "frozen", "bitfit", "ia3", "galore"})
+
+
 def method_function(method: str):
     if method not in METHODS:
         raise LoraError(f"unknown method {method!r}; available: {sorted(METHODS)}")

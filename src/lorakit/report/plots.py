@@ -1,5 +1,6 @@
-"""The seeds' figures: validation metric and loss against training time, one line per method, and
-the cost of each method (trainable parameters, peak memory, training time) as bars."""
+"""The seeds' figures: validation metric and loss against training time, one line per method, the
+cost of each method (trainable parameters, peak memory, training time) as bars, and the LoRA paper's
+Figure 2: validation metric against the number of trainable parameters."""
 
 from __future__ import annotations
 
@@ -50,6 +51,29 @@ def cost_bars(results: dict, path: Path) -> Path:
     axes[2].set_title("training time (s)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def metric_vs_params(results: dict, metric: str, path: Path) -> Path:
+    """One line per method through its runs (sizes), x = trainable parameters (log), y = best metric."""
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for run in results["methods"].values():
+        if "trainable_params" in run and metric in run["best"]:
+            lines.setdefault(run.get("method", "?"), []).append(
+                (run["trainable_params"], run["best"][metric]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.set_title(f"{results['task']}: {LABELS.get(metric, metric)} vs trainable parameters")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2 if len(lines) > 6 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
