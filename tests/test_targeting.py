@@ -1,7 +1,6 @@
 """Which modules get LoRA: suffixes, regex, all-linear, exclusions, layer selection, strict errors."""
 
 import pytest
-import torch
 
 import lorakit
 from conftest import TinyNet

@@ -4,7 +4,9 @@
 """
 
 from lorakit.adapters import (active_adapters, add_adapter, delete_adapter, disable_adapter,
-                              list_adapters, set_adapter, set_trainable)
+                              list_adapters, mixed_adapters, set_adapter, set_row_adapters,
+                              set_trainable)
+from lorakit.combine import combine_adapters
 from lorakit.config import LoraConfig
 from lorakit.errors import LoraError
 from lorakit.inject import (apply_lora, lora_layers, merge_and_unload, merge_lora,
@@ -19,7 +21,7 @@ __all__ = [
     "apply_lora", "plan_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
     "trainable_parameters", "lora_layers",
     "add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "list_adapters",
-    "active_adapters", "set_trainable",
+    "active_adapters", "set_trainable", "mixed_adapters", "set_row_adapters", "combine_adapters",
     "save_adapter", "load_adapter", "lora_state_dict", "read_adapter",
     "__version__",
 ]

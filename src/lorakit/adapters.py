@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LoraError
 from lorakit.inject import apply_lora, lora_layers, refresh_trainable, saved_module_wrappers
+from lorakit.layers.linear import LoraLinear
 from lorakit.state import check_adapter, lora_state
 
 
@@ -100,3 +102,52 @@ def disable_adapter(model: nn.Module):
             module.disabled = False
         if was_merged:
             merge_lora(model)
+
+
+def set_row_adapters(model: nn.Module, names: list[str | None] | None) -> nn.Module:
+    """Serve a mixed batch: row i of every input goes through adapter ``names[i]`` (None = the bare
+    base), in one gathered matmul per layer (layers/mixed.py), whatever the active adapter.
+    ``names=None`` ends mixed mode. For inference: dropout is not applied, so a model in training mode
+    whose adapters have dropout is refused; call ``model.eval()`` first."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if names is None:
+        for layer in layers:
+            layer.row_adapters = None
+        return model
+    names = list(names)
+    if not names:
+        raise LoraError("names is empty; give one adapter name (or None for the base) per batch row")
+    used = sorted({n for n in names if n is not None})
+    state = lora_state(model)
+    for name in used:
+        check_adapter(model, name)
+    if any(layer.merged_adapters for layer in layers):
+        raise LoraError("adapters are merged into the weights; call unmerge_lora(model) before "
+                        "serving mixed-adapter batches")
+    unsupported = sorted({type(layer).__name__ for layer in layers if type(layer) is not LoraLinear
+                          and any(n in layer.lora for n in used)})
+    if unsupported:
+        raise LoraError(f"mixed-adapter batches support LoraLinear layers only; adapters {used} also "
+                        f"sit on {unsupported}. Target plain linear layers, or run one adapter at a "
+                        "time with set_adapter")
+    if len(saved_module_wrappers(model)) and any(state.configs[n].modules_to_save for n in used):
+        raise LoraError(f"adapters {used} have their own modules_to_save heads, which cannot differ "
+                        "per row; serve them one at a time with set_adapter")
+    if model.training and any(state.configs[n].dropout > 0 for n in used):
+        raise LoraError("mixed-adapter batches are for inference and skip dropout, but the model is in "
+                        "training mode with LoRA dropout; call model.eval() first")
+    slot = {name: i + 1 for i, name in enumerate(used)}
+    index = torch.tensor([0 if n is None else slot[n] for n in names], dtype=torch.long)
+    for layer in layers:
+        layer.row_adapters = (tuple(used), index)
+    return model
+
+
+@contextmanager
+def mixed_adapters(model: nn.Module, names: list[str | None]):
+    """``with mixed_adapters(model, ["a", "b", None, ...]):`` one adapter per batch row inside the block."""
+    set_row_adapters(model, names)
+    try:
+        yield model
+    finally:
+        set_row_adapters(model, None)

@@ -8,6 +8,8 @@ in ``VERBS``. Heavy imports (transformers, the demo) happen inside the verb that
     lorakit inspect MODEL [--targets query,value | --regex RE] [--r 8] [--alpha 16] [--rslora]
     lorakit merge --base MODEL --adapter DIR --out DIR
     lorakit train / compare / demo      (cli_experiments.py)
+    lorakit analyze                     (cli_analysis.py)
+    lorakit lorahub                     (cli_lorahub.py)
 
 A refused command (lorakit.LoraError) prints its message and exits with status 2, no traceback.
 """
@@ -20,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lorakit.cli_analysis import add_analyze
+from lorakit.cli_lorahub import add_lorahub
 from lorakit.cli_experiments import add_compare, add_demo, add_train
 from lorakit.config import ALL_LINEAR
 from lorakit.errors import LoraError
@@ -205,7 +209,7 @@ def model_output(model, batch):
 
 
 # --- shared -----------------------------------------------------------------------------------------
-VERBS = (_add_inspect, add_train, add_compare, _add_merge, add_demo)
+VERBS = (_add_inspect, add_train, add_compare, _add_merge, add_demo, add_analyze, add_lorahub)
 
 
 def _add_model_task(p, auto: bool = False) -> None:
@@ -225,7 +229,7 @@ def _split(text: str | None) -> list[str] | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Low-Rank Adaptation for PyTorch "
-                                     "models: inspect, train, compare, merge, demo.")
+                                     "models: inspect, train, compare, merge, analyze, lorahub, demo.")
     from lorakit import __version__
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")

@@ -40,15 +40,20 @@ def _add_train_flags(p, single_run: bool) -> None:
         p.add_argument("--patience", type=int, help="evals without improvement before stopping")
         p.add_argument("--skip-nonfinite", action="store_true", default=None,
                        help="skip a batch whose loss is NaN/inf instead of stopping")
+        p.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the model for training (the first steps compile: "
+                            "minutes on 2 CPU cores)")
         p.add_argument("--resume", action="store_true", help="continue from the newest complete "
                                                              "checkpoint in --out")
         p.add_argument("--whisper", choices=("tiny.en", "base"), help="gw: the Whisper encoder")
+        p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model over the "
+                                                           "processes (FSDP2) instead of DDP copies")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
     p.add_argument("--out", required=True, help="output folder")
 
 
 SETTING_FLAGS = ("seed", "device", "precision", "max_steps", "batch_size", "eval_every", "lr",
-                 "checkpoint_every", "patience", "skip_nonfinite")
+                 "checkpoint_every", "patience", "skip_nonfinite", "compile")
 
 
 def add_train(sub) -> None:
@@ -69,7 +74,9 @@ def cmd_train(args) -> int:
                            extra={"whisper": args.whisper} if args.whisper else {})
     result = run_training(args.task, args.method, args.out, quick=args.quick, overrides=overrides,
                           options=options, resume=args.resume, data_dir=args.data_dir,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, fsdp=args.fsdp)
+    if result.get("rank", 0):
+        return 0                    # ranks other than 0 write and print nothing
     best = ", ".join(f"{k}={v:.4f}" for k, v in result["best"].items() if k.startswith("val_"))
     print(f"{args.task}/{args.method}: {result['steps']} steps in {result['train_time_s']:.1f} s, "
           f"best {best}; wrote {args.out}")

@@ -89,8 +89,7 @@ def refresh_trainable(model: nn.Module) -> None:
         cfg = state.configs[name]
         for _, layer in lora_layers(model):
             if name in layer.lora:
-                layer.lora[name].A.requires_grad_(True)
-                layer.lora[name].B.requires_grad_(True)
+                layer.lora[name].requires_grad_(True)      # A, B (and DoRA's magnitude)
                 if cfg.bias == "lora_only" and layer.bias is not None:
                     layer.bias.requires_grad_(True)
         for _, wrapper in saved_module_wrappers(model):

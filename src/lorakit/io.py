@@ -6,6 +6,11 @@ Keys (adapter name dropped, as PEFT writes them):
     base_model.model.<path>.base_layer.bias                         trained bias of an adapted layer
     base_model.model.<path>.bias                                    trained bias elsewhere (bias="all")
     base_model.model.<head>.<param>                                 modules_to_save (e.g. classifier)
+    base_model.model.<path>.lora_magnitude_vector                   DoRA's magnitude (use_dora=true)
+A method that changed the frozen weight itself (PiSSA's residual, ReLoRA's merges) records the change on
+the adapter as ``offset_B @ offset_A`` (W = W_original + s offset_B offset_A); the file then holds the whole
+change against the *original* weight, [B, offset_B] [A; offset_A] at the same scale (PEFT's PiSSA
+conversion), so it loads, in lorakit and PEFT, onto the untouched base model.
 The safetensors metadata ``lorakit`` (JSON) records the base model's weight shape for every adapted
 module and the fused-slice layouts, so loading onto the wrong base fails with both shapes named.
 
@@ -16,6 +21,7 @@ is read: a pickle (``.bin``/``.pt``) can run code when unpickled, so it is refus
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import replace
@@ -41,7 +47,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 UNSUPPORTED_PEFT_FIELDS = ("alora_invocation_tokens", "layer_replication", "trainable_token_indices",
                            "target_parameters", "use_qalora", "use_bdlora", "megatron_config")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-                       r"lora_embedding_B|base_layer\.bias)$")
+                       r"lora_embedding_B|base_layer\.bias|lora_magnitude_vector)$")
 
 
 # --- saving -----------------------------------------------------------------------------------------
@@ -55,7 +61,9 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
         delta = layer.lora[adapter_name]
         a, b = ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, LoraEmbedding) else \
             ("lora_A.weight", "lora_B.weight")
-        out[f"{path}.{a}"], out[f"{path}.{b}"] = delta.A, delta.B
+        out[f"{path}.{a}"], out[f"{path}.{b}"] = _export_factors(delta)
+        if getattr(delta, "magnitude", None) is not None:
+            out[f"{path}.lora_magnitude_vector"] = delta.magnitude
         if cfg.bias == "lora_only" and layer.bias is not None:
             out[f"{path}.base_layer.bias"] = layer.bias
     if cfg.bias == "all":
@@ -65,6 +73,27 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
             for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
                 out[f"{path}.{pname}"] = p
     return {PREFIX + k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _export_factors(delta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as saved: with a recorded weight offset, [A; offset_A] (r+k, in) and [B, offset_B] (out, r+k)."""
+    if getattr(delta, "offset_A", None) is None:
+        return delta.A, delta.B
+    return torch.cat([delta.A, delta.offset_A]), torch.cat([delta.B, delta.offset_B], dim=1)
+
+
+def _export_config(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> LoraConfig:
+    """``cfg`` with the rank of the exported factors and the alpha that keeps the scale s unchanged."""
+    extra = {getattr(l.lora[adapter_name], "offset_A", torch.empty(0, 0)).shape[0]
+             for _, l in lora_layers(model) if adapter_name in l.lora}
+    if extra <= {0}:
+        return cfg
+    if len(extra) > 1 or cfg.rank_pattern or cfg.alpha_pattern:
+        raise LoraError(f"adapter {adapter_name!r} records weight offsets of ranks {sorted(extra)} with "
+                        "rank/alpha patterns; saving needs one offset rank and no patterns")
+    r = cfg.r + extra.pop()
+    alpha = cfg.alpha * (math.sqrt(r / cfg.r) if cfg.rslora else r / cfg.r)
+    return replace(cfg, r=r, alpha=alpha)
 
 
 def _all_biases(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,7 +112,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """Write ``path/adapter_config.json`` and ``path/adapter_model.safetensors`` (atomically)."""
     cfg = check_adapter(model, adapter_name).configs[adapter_name]
     tensors = lora_state_dict(model, adapter_name)
+    cfg = _export_config(model, cfg, adapter_name)
     layers = [(p, l) for p, l in lora_layers(model) if adapter_name in l.lora]
+    dora = any(getattr(l.lora[adapter_name], "magnitude", None) is not None for _, l in layers)
     meta = {"adapter_name": adapter_name,
             "base_shapes": {p: list(l.weight.shape) for p, l in layers},
             "fused_slices": {p: l.mask for p, l in layers if isinstance(l, LoraFusedLinear)},
@@ -97,9 +128,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(
         tensors, tmp, metadata={"format": "pt", "lorakit": json.dumps(meta)}))
-    config = peft_config_dict(cfg, base_model_name_or_path, fan_in_fan_out=conv1d)
+    config = {**peft_config_dict(cfg, base_model_name_or_path, fan_in_fan_out=conv1d), "use_dora": dora}
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return out
+
+
+def inside(root: str | os.PathLike, name: str | os.PathLike) -> Path:
+    """``root / name``, refused when it would land outside ``root``: an absolute ``name``, a ``..``
+    part, or a symlink already there that points elsewhere (a reused --out). Nothing is written."""
+    root_path, relative = Path(root), Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise LoraError(f"{str(name)!r} would be written outside the output folder {root_path}; use a "
+                        "plain name inside it (no absolute path, no '..')")
+    target = (root_path / relative).resolve()
+    if not target.is_relative_to(root_path.resolve()):
+        raise LoraError(f"{root_path / relative} resolves to {target}, outside the output folder "
+                        f"{root_path} (a symlink?); remove it or pick another output folder")
+    return root_path / relative
 
 
 def folder_bytes(path: str | os.PathLike) -> int:
@@ -144,8 +189,6 @@ def config_from_peft(data: dict) -> LoraConfig:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in data:
             raise LoraError(f"adapter_config.json lacks {key!r}; it is not a LoRA adapter config")
-    if data.get("use_dora"):
-        raise LoraError("this adapter uses DoRA (use_dora=true), which lorakit does not load yet")
     unsupported = [k for k in UNSUPPORTED_PEFT_FIELDS if data.get(k)]
     if unsupported:
         raise LoraError(f"this adapter uses PEFT features lorakit cannot reproduce: {unsupported}; "
@@ -190,6 +233,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
             tensors = {_strip(k): handle.get_tensor(k) for k in handle.keys()}
             meta = json.loads((handle.metadata() or {}).get("lorakit", "{}"))
+            meta["use_dora"] = bool(raw.get("use_dora"))         # load_adapter needs it; not in cfg
     except (SafetensorError, OSError, ValueError) as err:
         raise LoraError(f"{folder / WEIGHTS_NAME} is corrupt or truncated ({err}); save it again")
     return cfg, tensors, meta
@@ -236,6 +280,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     groups, extra = _group_keys(tensors)
     fused = meta.get("fused_slices", {})
     ranks = _check_lora_tensors(model, groups, meta.get("base_shapes", {}), fused, path)
+    _check_magnitudes(groups, meta["use_dora"], path)
     heads = _check_head_tensors(model, cfg, extra, path)
     exact = "|".join(re.escape(p) for p in groups)
     inject_cfg = LoraConfig(**{**cfg.to_dict(), "target_modules": f"(?:{exact})",
@@ -243,11 +288,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                "fused_slices": fused, "strict": True})
     apply_lora(model, inject_cfg, adapter_name, ranks=ranks)
     lora_state(model).configs[adapter_name] = replace(cfg, **meta.get("config", {}))
+    if meta["use_dora"]:
+        from lorakit.layers.dora import to_dora
+        to_dora(model, adapter_name)
     with torch.no_grad():
         for mod_path, parts in groups.items():
             layer = model.get_submodule(mod_path)
             delta = layer.lora[adapter_name]
             delta.A.copy_(parts["A"]), delta.B.copy_(parts["B"])
+            if "magnitude" in parts:
+                delta.magnitude.copy_(parts["magnitude"])
             if "bias" in parts:
                 layer.bias.copy_(parts["bias"])
         for key, (head_path, pname, param) in heads.items():
@@ -283,7 +333,8 @@ def _group_keys(tensors: dict) -> tuple[dict[str, dict], dict[str, torch.Tensor]
             extra[key] = value
             continue
         part = {"lora_A.weight": "A", "lora_embedding_A": "A", "lora_B.weight": "B",
-                "lora_embedding_B": "B", "base_layer.bias": "bias"}[found["part"]]
+                "lora_embedding_B": "B", "base_layer.bias": "bias",
+                "lora_magnitude_vector": "magnitude"}[found["part"]]
         groups.setdefault(found["path"], {})[part] = value
     for path, parts in list(groups.items()):
         if set(parts) == {"bias"}:                    # bias of a layer without LoRA: bias="all"
@@ -329,6 +380,18 @@ def _check_lora_tensors(model: nn.Module, groups: dict, base_shapes: dict, fused
     if not groups:
         raise LoraError(f"{path} holds no LoRA weights (no lora_A/lora_B keys)")
     return ranks
+
+
+def _check_magnitudes(groups: dict, use_dora: bool, path) -> None:
+    """DoRA files have a magnitude (out,) for every adapted layer; other files have none."""
+    for mod_path, parts in groups.items():
+        if ("magnitude" in parts) != use_dora:
+            raise LoraError(f"{path}: use_dora={use_dora} in the config, but {mod_path} "
+                            f"{'has' if 'magnitude' in parts else 'lacks'} DoRA's lora_magnitude_vector; "
+                            "the file is inconsistent (save it again)")
+        if use_dora and tuple(parts["magnitude"].shape) != (parts["B"].shape[0],):
+            raise LoraError(f"{path}: {mod_path}.lora_magnitude_vector has shape "
+                            f"{tuple(parts['magnitude'].shape)}, expected ({parts['B'].shape[0]},)")
 
 
 def _check_head_tensors(model: nn.Module, cfg: LoraConfig, extra: dict, path) -> dict:

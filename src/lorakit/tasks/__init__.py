@@ -8,6 +8,7 @@ import importlib
 from lorakit.errors import LoraError
 
 TASKS = {
+    "data-to-text": "lorakit.tasks.data_to_text:DataToTextTask",
     "gw": "lorakit.tasks.gw:GravitationalWaveTask",
     "mnist-lowrank": "lorakit.tasks.mnist_lowrank:MnistLowRankTask",
     "text-cls": "lorakit.tasks.text_cls:TextClassificationTask",

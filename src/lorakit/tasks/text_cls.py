@@ -29,17 +29,17 @@ LEARNING_RATES = {
     "frozen": (2e-3, 2e-3),
     "lora": (5e-3, 2e-3),
     "bitfit": (5e-3, 2e-3),
-    "ia3": (5e-3, 2e-3),
+    "ia3": (5e-2, 2e-2),            # quick: 5e-3 -> 0.546 (majority 0.542), 2e-2 -> 0.696, 5e-2 -> 0.710
     "adapter-houlsby": (5e-3, 2e-3),
-    "adapter-lin": (5e-3, 2e-3),
-    "prefix": (5e-3, 2e-3),
+    "adapter-lin": (1e-2, 5e-3),    # quick: 5e-3 -> 0.620, 1e-2 -> 0.710
+    "prefix": (2e-2, 1e-2),         # quick: 5e-3 -> 0.542 (majority), 2e-2 -> 0.634, 5e-2 -> 0.618
     "dora": (5e-3, 2e-3),
     "rslora": (5e-3, 2e-3),
     "pissa": (5e-3, 2e-3),
-    "lora-plus": (5e-3, 2e-3),
-    "adalora": (5e-3, 2e-3),
+    "lora-plus": (5e-4, 2e-4),      # B at 16x: quick 5e-3 and 1e-3 -> 0.542 (stuck), 5e-4 -> 0.658
+    "adalora": (5e-2, 2e-2),        # E starts at 0: quick 5e-3 -> 0.542, 2e-2 -> 0.636, 5e-2 -> 0.666
     "relora": (5e-3, 2e-3),
-    "galore": (1e-4, 5e-5),
+    "galore": (2e-3, 1e-3),         # update scale 0.25: quick 1e-4 -> 0.554, 5e-4 -> 0.542, 2e-3 -> 0.700
 }
 
 

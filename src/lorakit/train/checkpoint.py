@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +53,19 @@ def _python_state_to_list(state) -> list:
 
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, scheduler,
-                    extra: dict, keep: int = 2) -> Path:
+                    extra: dict, keep: int = 2, weights: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write checkpoint ``step``. ``weights`` / ``optimizer_state`` default to the model's trainable
+    tensors and ``optimizer.state_dict()``; a sharded (FSDP) run passes the gathered full ones."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
     tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "extra": extra}, tmp / "state.pt")
+    save_file(trainable_state(model) if weights is None else weights, str(tmp / "trainable.safetensors"))
+    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra,
+                "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state},
+               tmp / "state.pt")
     (tmp / "COMPLETE").write_text(str(step))
     for path in tmp.iterdir():
         with open(path, "rb") as handle:
@@ -72,6 +77,33 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, schedu
     for old in complete_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+BYTES_PER_TRAINABLE_BYTE = 4      # weights + two Adam moments on disk, with room to spare
+
+
+def check_output_dir(out: Path, trainable_bytes: int = 0, copies: int = 2) -> None:
+    """Refuse, before any training, an ``out`` that cannot be written or whose disk lacks room for
+    ``copies`` checkpoints of about ``BYTES_PER_TRAINABLE_BYTE * trainable_bytes`` each. Creates
+    nothing that stays: the write test removes its probe file."""
+    existing = Path(out).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LoraError(f"--out {out}: {existing} is a file, not a folder; pick another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lorakit-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise LoraError(f"--out {out}: cannot write in {existing} ({err.strerror}); pick a folder "
+                        "you can write to, or fix its permissions") from None
+    need = copies * BYTES_PER_TRAINABLE_BYTE * trainable_bytes
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise LoraError(f"--out {out}: {free / 2**20:.1f} MiB free on its disk, but {copies} "
+                        f"checkpoints need about {need / 2**20:.1f} MiB; free some space, pick "
+                        "another --out, or lower keep_checkpoints")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -90,19 +122,25 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore the trainable weights, optimizer, scheduler and RNG; return the saved state."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, restore=None) -> dict:
+    """Restore the trainable weights, optimizer, scheduler and RNG; return the saved state.
+    ``restore(model, optimizer, weights, optimizer_state)`` replaces the copy for a sharded model."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing or any(n not in params for n in weights):
-        raise LoraError(f"checkpoint {path} does not fit this model (missing {missing[:3]}); was it "
-                        "written by another task, method or config? Use a fresh --out")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    wrong = [n for n, t in weights.items() if n in params and tuple(t.shape) != tuple(params[n].shape)]
+    if missing or wrong or any(n not in params for n in weights):
+        raise LoraError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, other "
+                        f"shapes {wrong[:3]}); was it written by another task, method or config? "
+                        "Use a fresh --out")
     state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if restore is not None:
+        restore(model, optimizer, weights, state["optimizer"])
+    else:
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state

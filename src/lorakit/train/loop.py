@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from lorakit.errors import LoraError
-from lorakit.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.train.checkpoint import (check_output_dir, complete_checkpoints, load_checkpoint,
+                                      save_checkpoint)
 from lorakit.train.data import TensorData, batch_indices, eval_batches
+from lorakit.train.distributed import Dist
 from lorakit.train.hooks import hooks_of
 from lorakit.train.memory import current_rss_mb, peak_memory_mb, reset_peak, resolve_device
 from lorakit.train.metrics import HIGHER_IS_BETTER, classification_loss, classification_metrics
@@ -109,37 +111,49 @@ def evaluate(model: nn.Module, task, data: TensorData, device, settings: TrainSe
 
 def train(model: nn.Module, task, train_data: TensorData, val_data: TensorData,
           settings: TrainSettings, out_dir: str | Path, resume: bool = False,
-          progress: bool = True) -> dict:
-    """Train ``model`` (already prepared by a method) and return the run's result record."""
+          progress: bool = True, dist: Dist | None = None) -> dict:
+    """Train ``model`` (already prepared by a method) and return the run's result record.
+    ``dist`` (train/distributed.py): this process's share of a torchrun job; rank 0 writes files."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(settings.device)
+    dist = dist or Dist(device=resolve_device(settings.device))
+    dist.check_batch(settings.batch_size)
+    device = dist.device
     seed_everything(settings.seed)
     model.to(device).train()
+    if dist.is_main:            # fail before any training, not at the first checkpoint
+        check_output_dir(out, sum(p.numel() * p.element_size() for p in model.parameters()
+                                  if p.requires_grad), settings.keep_checkpoints + 1)
+        out.mkdir(parents=True, exist_ok=True)
+    dist.shard(model)           # FSDP2: before the optimizer sees the parameters
+    if settings.compile:            # in place (nn.Module.compile): same module, same state-dict keys
+        model.compile()
     optimizer, scheduler = make_optimizer(model, settings)
+    net = dist.wrap(model)      # DDP for the training forward/backward; evaluation uses model
     reset_peak(device)
     baseline_mb = current_rss_mb() if device.type == "cpu" else 0.0
 
     start_step, train_time, history, best = 0, 0.0, [], None
     checkpoints = complete_checkpoints(out / "checkpoints")
     if resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, dist.restore())
         hooks_of(model).load_state_dict(state["extra"].get("hooks", {}))
         start_step = state["step"]
         train_time, best = state["extra"]["train_time"], state["extra"].get("best")
-        history = _read_history(out / "metrics.jsonl", start_step)
-    elif not resume:
+        history = _read_history(out / "metrics.jsonl", start_step) if dist.is_main else []
+    elif dist.is_main:          # a fresh start (also --resume with no checkpoint yet)
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
     metric = task.metric
     better = HIGHER_IS_BETTER[metric]
     evals_since_best, stopped_early, interrupted = 0, False, False
-    bar = _progress(settings.max_steps, start_step, progress, f"{task.name}/{getattr(model, '_method', '')}")
+    bar = _progress(settings.max_steps, start_step, progress, f"{task.name}/{getattr(model, '_method', '')}") \
+        if dist.is_main else _Mute()
     step = start_step
     try:
         while step < settings.max_steps:
             tick = time.perf_counter()
-            loss = _optimizer_step(model, task, train_data, settings, optimizer, scheduler, device, step)
+            loss = _optimizer_step(net, task, train_data, settings, optimizer, scheduler, device, step,
+                                   dist)
             train_time += time.perf_counter() - tick
             step += 1
             bar.update(1)
@@ -148,8 +162,9 @@ def train(model: nn.Module, task, train_data: TensorData, val_data: TensorData,
                 record = {"step": step, "time_s": round(train_time, 3), "train_loss": loss,
                           **evaluate(model, task, val_data, device, settings)}
                 history.append(record)
-                with open(out / "metrics.jsonl", "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                if dist.is_main:
+                    with open(out / "metrics.jsonl", "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
                 bar.write(_format_record(record))
                 if best is None or (record[metric] > best[metric]) == better and \
                         record[metric] != best[metric]:
@@ -159,22 +174,25 @@ def train(model: nn.Module, task, train_data: TensorData, val_data: TensorData,
                 if settings.patience and evals_since_best >= settings.patience:
                     stopped_early = True
             if settings.checkpoint_every and step % settings.checkpoint_every == 0 or stopped_early:
-                save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                                _extra(model, train_time, best), settings.keep_checkpoints)
+                _checkpoint(dist, out, step, model, optimizer, scheduler, train_time, best, settings)
             if stopped_early:
                 bar.write(f"early stop at step {step}: no {metric} gain in {settings.patience} evals")
                 break
         if step == settings.max_steps and step > start_step and not (
                 settings.checkpoint_every and step % settings.checkpoint_every == 0):
-            save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                            _extra(model, train_time, best), settings.keep_checkpoints)
+            _checkpoint(dist, out, step, model, optimizer, scheduler, train_time, best, settings)
     except KeyboardInterrupt:
         interrupted = True
-        save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                        _extra(model, train_time, best), settings.keep_checkpoints)
-        bar.write(f"interrupted at step {step}: checkpoint saved; continue with --resume")
+        if dist.is_main and not dist.fsdp:     # gathering shards would need every rank: FSDP keeps
+            save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,   # the last one
+                            _extra(model, train_time, best), settings.keep_checkpoints)
+        bar.write(f"interrupted at step {step}: checkpoint saved; continue with --resume"
+                  if not dist.fsdp else f"interrupted at step {step}; --resume continues from the "
+                  "last periodic checkpoint")
     finally:
         bar.close()
+        if settings.compile:        # hand back the plain module: saving, merging, reloading follow
+            model._compiled_call_impl = None
 
     params = list(model.parameters())
     return {
@@ -190,24 +208,30 @@ def train(model: nn.Module, task, train_data: TensorData, val_data: TensorData,
     }
 
 
-def _optimizer_step(model, task, data, settings, optimizer, scheduler, device, step) -> float:
+def _optimizer_step(model, task, data, settings, optimizer, scheduler, device, step,
+                    dist: Dist | None = None) -> float:
+    """One optimizer step; under torchrun ``model`` is the DDP wrapper and each rank takes its share
+    of the global batch (DDP all-reduces gradients at every micro-batch: simple, and correct)."""
+    dist = dist or Dist(device=device)
     total = 0.0
     for micro in range(settings.grad_accum):
-        index = batch_indices(len(data), settings.batch_size, settings.seed,
-                              step * settings.grad_accum + micro)
+        index = dist.local(batch_indices(len(data), settings.batch_size, settings.seed,
+                                         step * settings.grad_accum + micro))
         batch = {k: v.to(device, non_blocking=True) for k, v in data.take(index).items()}
         with autocast(device, settings.precision):
             logits = task.forward(model, batch)
         loss = task_loss(task, logits, batch) / settings.grad_accum
-        if not torch.isfinite(loss):
+        value = dist.mean(loss)         # over ranks: a NaN on one rank stops them all alike
+        if not math.isfinite(value):
             optimizer.zero_grad(set_to_none=True)
             if settings.skip_nonfinite:
                 return float("nan")
-            raise LoraError(f"loss became {loss.item()} at step {step + 1}; lower --lr or use "
+            raise LoraError(f"loss became {value} at step {step + 1}; lower --lr or use "
                             "--skip-nonfinite. The last checkpoint is kept as it was")
         loss.backward()
-        total += loss.item()
+        total += value
     hooks = hooks_of(model)
+    model = getattr(model, "module", model)     # hooks see parameter names without DDP's prefix
     hooks.after_backward(step, model)
     if settings.grad_clip:
         params = [p for p in model.parameters() if p.grad is not None]
@@ -224,6 +248,15 @@ def task_loss(task, logits, batch) -> torch.Tensor:
     if hasattr(task, "loss"):
         return task.loss(logits, batch)
     return classification_loss(logits, batch["labels"])
+
+
+def _checkpoint(dist: Dist, out: Path, step: int, model, optimizer, scheduler, train_time, best,
+                settings: TrainSettings) -> None:
+    weights, optimizer_state = dist.checkpoint_payload(model, optimizer)   # FSDP: every rank gathers
+    if dist.is_main:
+        save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
+                        _extra(model, train_time, best), settings.keep_checkpoints,
+                        weights, optimizer_state)
 
 
 def _extra(model, train_time: float, best) -> dict:
@@ -251,6 +284,10 @@ class _Silent:
     def set_postfix(self, **kw): pass
     def write(self, text): print(text, flush=True)
     def close(self): pass
+
+
+class _Mute(_Silent):
+    def write(self, text): pass
 
 
 def _progress(total: int, start: int, enabled: bool, label: str):

@@ -23,30 +23,50 @@ from safetensors.torch import save_file
 
 from lorakit.errors import LoraError
 from lorakit.inject import merge_and_unload
-from lorakit.io import folder_bytes, load_adapter, save_adapter
+from lorakit.io import folder_bytes, inside, load_adapter, save_adapter
 from lorakit.state import has_lora
 from lorakit.tasks import get_task
 from lorakit.tasks.base import ModelOptions
-from lorakit.train.checkpoint import trainable_state
+from lorakit.train.checkpoint import check_output_dir, trainable_state
+from lorakit.train.distributed import init_distributed
 from lorakit.train.loop import seed_everything, train
 from lorakit.train.settings import TrainSettings
 
 
 def run_training(task_name: str, method: str, out: str | Path, quick: bool = False,
                  overrides: dict | None = None, options: ModelOptions | None = None,
-                 resume: bool = False, data_dir: str | None = None, progress: bool = True) -> dict:
+                 resume: bool = False, data_dir: str | None = None, progress: bool = True,
+                 fsdp: bool = False) -> dict:
+    """Under torchrun every rank runs this; rank 0 alone writes files (train/distributed.py)."""
     started = time.perf_counter()
     task = get_task(task_name)
     settings: TrainSettings = task.settings(method, quick).replace(**(overrides or {}))
+    dist = init_distributed(settings.device, fsdp)
+    try:
+        return _run(task, method, Path(out), quick, settings, options, resume, data_dir, progress,
+                    dist, started)
+    finally:
+        dist.close()
+
+
+def _run(task, method, out, quick, settings, options, resume, data_dir, progress, dist, started):
+    if dist.is_main:
+        check_output_dir(out)     # writable? (free space is checked once the model is known)
     seed_everything(settings.seed)
     train_data, val_data = task.load_data(quick=quick, seed=settings.seed, data_dir=data_dir)
     seed_everything(settings.seed)
     options = options or ModelOptions()
     model = task.build_model(method, options)
     model._method = method
-    out = Path(out)
-    result = train(model, task, train_data, val_data, settings, out, resume=resume, progress=progress)
-    result.update(task=task_name, method=method, quick=quick,
+    result = train(model, task, train_data, val_data, settings, out, resume=resume, progress=progress,
+                   dist=dist)
+    if dist.fsdp:                 # every rank gathers; rank 0 saves from a plain, complete copy
+        model = _unsharded(dist, model, lambda: task.build_model(method, options), method)
+    result.update(rank=dist.rank, world_size=dist.world, parallel="fsdp" if dist.fsdp else "ddp" if dist.active else
+                  "none")
+    if not dist.is_main:
+        return result
+    result.update(task=task.name, method=method, quick=quick,
                   n_train=len(train_data), n_val=len(val_data),
                   size_on_disk_bytes=_save_weights(model, out))
     if has_lora(model) or getattr(model, "method_io", None) is not None:
@@ -57,14 +77,25 @@ def run_training(task_name: str, method: str, out: str | Path, quick: bool = Fal
     return result
 
 
+def _unsharded(dist, model, build, method: str):
+    """A plain model holding the FSDP model's full tensors (gathered: a collective), on rank 0."""
+    state = dist.full_state(model, trainable_only=False)
+    if not dist.is_main:
+        return model
+    plain = build()
+    plain.load_state_dict(state, strict=True)
+    plain._method = method
+    return plain.to(dist.device)
+
+
 def _save_weights(model, out: Path) -> int:
     """Save what this method trained; return its size on disk in bytes."""
     method_io = getattr(model, "method_io", None)
     if method_io is not None:
-        return folder_bytes(method_io.save(model, out / "adapter"))
+        return folder_bytes(method_io.save(model, inside(out, "adapter")))
     if has_lora(model):
-        return folder_bytes(save_adapter(model, out / "adapter"))
-    path = out / "trainable.safetensors"
+        return folder_bytes(save_adapter(model, inside(out, "adapter")))
+    path = inside(out, "trainable.safetensors")
     save_file(trainable_state(model), str(path))
     return path.stat().st_size
 

@@ -32,6 +32,7 @@ class TrainSettings:
     checkpoint_every: int = 0         # optimizer steps; 0 = only at the end
     keep_checkpoints: int = 2
     skip_nonfinite: bool = False      # skip a batch whose loss is NaN/inf instead of stopping
+    compile: bool = False             # torch.compile the model's forward (and its backward) in train
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
