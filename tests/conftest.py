@@ -88,3 +88,11 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line(f"{len(skipped)} test(s) skipped under LORAKIT_NO_SKIPS=1: a package "
                             "that `make setup` installs is missing", red=True)
         session.exitstatus = 1
+
+
+def tiny_bert(cls_name: str = "BertModel", **overrides):
+    """A tiny random Hugging Face BERT (2 layers, 32 wide, vocab 100; no download). Seed it first."""
+    import transformers
+    config = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 64, "max_position_embeddings": 32, **overrides}
+    return getattr(transformers, cls_name)(transformers.BertConfig(**config))

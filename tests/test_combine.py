@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import ALL_TARGETS, randomize_adapters
+from conftest import ALL_TARGETS, randomize_adapters, tiny_bert
 from lorakit import (LoraConfig, LoraError, add_adapter, apply_lora, combine_adapters, lora_layers,
                      save_adapter, set_adapter)
 
@@ -136,14 +136,12 @@ def test_same_outputs_as_peft_add_weighted_adapter(tmp_path, mode):
     """PEFT 0.21's add_weighted_adapter on the same two saved adapters gives the same model, so
     'linear' here is PEFT's linear, cross terms included."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
 
     def bert():
         torch.manual_seed(0)
-        config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                         num_attention_heads=2, intermediate_size=32,
-                                         max_position_embeddings=16)
-        return transformers.BertModel(config).eval()
+        return tiny_bert(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=16).eval()
 
     ours = bert()
     apply_lora(ours, LoraConfig(r=4, alpha=8, target_modules=["query", "value"]), "a")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lorakit
-from conftest import Conv1D, randomize_adapters
+from conftest import Conv1D, randomize_adapters, tiny_bert
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,10 +46,7 @@ def test_lora_layers_have_no_graph_breaks(mode):
 
 
 def test_lora_adds_no_graph_breaks_to_a_transformer():
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64,
-                                     max_position_embeddings=32)
-    model = transformers.BertModel(config)
+    model = tiny_bert()
     ids = torch.randint(0, 100, (2, 7))
     bare = _breaks(model, ids)
     lorakit.apply_lora(model, lorakit.LoraConfig(r=4, target_modules=["query", "value"], dropout=0.1))

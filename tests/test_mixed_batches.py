@@ -10,17 +10,14 @@ import pytest
 import torch
 
 import lorakit
-from conftest import randomize_adapters
+from conftest import randomize_adapters, tiny_bert
 
 transformers = pytest.importorskip("transformers")
 
 
 def _bert_with_adapters():
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64,
-                                     max_position_embeddings=32)
-    model = transformers.BertModel(config).eval()
+    model = tiny_bert().eval()
     lorakit.apply_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["query", "value"]),
                        adapter_name="a")
     lorakit.add_adapter(model, "b", lorakit.LoraConfig(r=8, alpha=8, target_modules=["query", "value"]))

@@ -27,6 +27,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import lorakit  # noqa: E402
+from conftest import tiny_bert  # noqa: E402
 
 TOL = 1e-5
 SEQ = (2, 7)          # batch, tokens
@@ -34,10 +35,7 @@ SEQ = (2, 7)          # batch, tokens
 
 # --- tiny random bases (no downloads): same seed, same weights -------------------------------------
 def _bert(cls_name: str = "BertModel"):
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64,
-                                     max_position_embeddings=32, num_labels=3)
-    return getattr(transformers, cls_name)(config)
+    return tiny_bert(cls_name, num_labels=3)
 
 
 def _gpt2():

@@ -17,19 +17,17 @@ An IA3 adapter PEFT wrote (list or regex targets) loads too.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.errors import LoraError
-from lorakit.methods.method_files import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, check_head,
-                                          read_folder, train_only)
+from lorakit.methods.method_files import (WEIGHTS_NAME, check_head, read_folder, train_only,
+                                          write_folder)
 
 PREFIX = "base_model.model."
 # model_type -> (key/value projections, FFN down-projection), as name patterns
@@ -170,11 +168,7 @@ class IA3IO:
                   "exclude_modules": None, "fan_in_fan_out": False, "init_ia3_weights": True,
                   "modules_to_save": self.head or None,
                   "layers_to_transform": None, "layers_pattern": None}
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-        return folder
+        return write_folder(folder, tensors, config)
 
     def load(self, base: nn.Module, folder: str | os.PathLike) -> nn.Module:
         return load_ia3(base, folder)

@@ -50,11 +50,7 @@ class MethodIO:
                    for name, p in model.named_parameters() if p.requires_grad}
         config = {"lorakit_method": self.method, "spec": _spec_fields(self.spec),
                   "base_shapes": {k: list(v) for k, v in self.base_shapes.items()}}
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-        return folder
+        return write_folder(folder, tensors, config)
 
     def load(self, base: nn.Module, folder: str | os.PathLike) -> nn.Module:
         return load_method(base, folder, self.method, self.apply)
@@ -156,6 +152,15 @@ def train_only(model: nn.Module, trainable, head: list[str]) -> None:
 def _spec_fields(spec) -> dict:
     fields = asdict(spec)
     return {"head": fields["head"], "r": fields["r"], "extra": fields["extra"]}
+
+
+def write_folder(folder, tensors: dict, config: dict) -> Path:
+    """An adapter folder: tensors (safetensors) and config (JSON), each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return folder
 
 
 def atomic_write(target: Path, write) -> None:
