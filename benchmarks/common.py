@@ -3,6 +3,7 @@
 Model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M params) with a 2-class head, loaded offline
 by ``lorakit.models.load("minilm")``. Batch: 16 sequences x 128 tokens of random ids. LoRA: r = 8,
 alpha = 16 on query and value, the classifier head trained (modules_to_save) in both libraries.
+``--device cuda`` (train_step.py, inference.py, run.py) builds everything on the CPU, then moves it.
 """
 
 from __future__ import annotations
@@ -22,10 +23,19 @@ def load_model():
     return registry.load("minilm", task="classification", num_labels=2).model
 
 
-def batch(seed: int = 0) -> dict:
+def batch(seed: int = 0, device: str | torch.device = "cpu") -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(1000, 30000, (BATCH, SEQ), generator=g),
-            "labels": torch.randint(0, 2, (BATCH,), generator=g)}
+    return {"input_ids": torch.randint(1000, 30000, (BATCH, SEQ), generator=g).to(device),
+            "labels": torch.randint(0, 2, (BATCH,), generator=g).to(device)}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:i``; a CUDA device torch cannot see stops the run with the reason."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch {torch.__version__} sees no CUDA device "
+                         "(torch.cuda.is_available() is False); run on a GPU machine or use --device cpu")
+    return device
 
 
 def add_lorakit(model, name: str = "default", dropout: float = 0.0, seed: int = 0, head: bool = True):
@@ -66,8 +76,12 @@ def current_rss_mb() -> float:
 
 
 def timed(fn) -> float:
+    """Seconds fn() takes; once CUDA is in use, its queued work is waited for before and after."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 

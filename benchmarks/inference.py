@@ -10,7 +10,7 @@ Mixed adapters: 8 lorakit adapters on one model;
     single          every row through the same adapter (the plain one-adapter path)
     mixed8          row i through adapter i mod 8 (layers/mixed.py: gathered bmm, no loop)
 Every variant is timed in each round, rounds interleave the variants, and the median is reported.
-Prints one JSON object.
+``--device cuda`` builds every model on the CPU and moves it to the GPU. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ import sys
 
 import torch
 
-from common import BATCH, add_lorakit, add_peft, batch, load_model, median, timed
+from common import BATCH, add_lorakit, add_peft, batch, load_model, median, resolve_device, timed
 
 
 def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:i")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     import lorakit
 
     base = load_model().eval()
@@ -44,8 +46,10 @@ def main() -> dict:
         add_lorakit(many, name, seed=i, head=False)   # one shared head
     many.eval()
     lorakit.set_adapter(many, names[0])
+    for model in (base, lk, lk_merged, pf, pf_merged, many):
+        model.to(device)
     rows = [names[i % len(names)] for i in range(BATCH)]
-    ids = batch()["input_ids"]
+    ids = batch(device=device)["input_ids"]
 
     def single():
         return many(input_ids=ids)
@@ -57,7 +61,7 @@ def main() -> dict:
     variants = {"base": lambda: base(input_ids=ids), "lorakit-merged": lambda: lk_merged(input_ids=ids),
                 "lorakit": lambda: lk(input_ids=ids), "peft-merged": lambda: pf_merged(input_ids=ids),
                 "peft": lambda: pf(input_ids=ids), "single": single, "mixed8": mixed}
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     times = {k: [] for k in variants}
     with torch.no_grad(), amp:
         for fn in variants.values():          # warm-up
@@ -68,7 +72,7 @@ def main() -> dict:
             for name, fn in order:
                 times[name].append(timed(fn))
     med = {k: median(v) for k, v in times.items()}
-    return {"precision": args.precision, "rounds": args.rounds, "latency_s": med,
+    return {"precision": args.precision, "device": str(device), "rounds": args.rounds, "latency_s": med,
             "tokens": ids.numel(), "times_s": times}
 
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import ALL_TARGETS, randomize_adapters
 from lorakit import LoraConfig, LoraError, apply_lora, lora_layers, save_adapter
-from lorakit.analysis import (adapter_matrices, amplification, analyze, delta, effective_ranks,
+from lorakit.tools.analysis import (adapter_matrices, amplification, analyze, delta, effective_ranks,
                               subspace_similarity)
 from lorakit.cli import main
 

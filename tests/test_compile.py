@@ -84,3 +84,53 @@ def test_train_with_compile_setting(tmp_path, monkeypatch):
     assert abs(compiled["history"][-1]["train_loss"] - plain["history"][-1]["train_loss"]) < 1e-4
     for (name, p), q in zip(model.named_parameters(), plain_model.parameters()):
         assert torch.allclose(p, q, atol=1e-4), name
+
+
+def _sixteen_adapters():
+    model = _mlp(dropout=0.0).eval()
+    for i in range(15):
+        lorakit.add_adapter(model, f"a{i}", lorakit.LoraConfig(r=2 + i % 3, alpha=4,
+                                                               target_modules=["0", "2"]))
+    randomize_adapters(model, seed=3)
+    return model, ["default"] + [f"a{i}" for i in range(15)]
+
+
+def _count_compiles(model, names, x):
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+    torch._dynamo.reset()
+    run = torch.compile(model, backend=backend)
+    outs = {}
+    for name in names:
+        lorakit.set_adapter(model, name)
+        outs[name] = run(x)
+    return len(compiles), outs
+
+
+def test_switching_16_adapters_under_compile_compiles_once():
+    """Issue 16, item 8: prepare_compiled_switching keeps the active factors in fixed tensors, so
+    set_adapter under torch.compile changes no guard; each adapter still gives its own eager output."""
+    model, names = _sixteen_adapters()
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    eager = {}
+    for name in names:
+        lorakit.set_adapter(model, name)
+        eager[name] = model(x)
+    plain_compiles, _ = _count_compiles(model, names, x)
+    lorakit.prepare_compiled_switching(model, max_rank=9)
+    compiles, outs = _count_compiles(model, names, x)
+    print(f"\ncompilations for 16 adapter switches: {plain_compiles} without slots, {compiles} with")
+    assert compiles == 1 and plain_compiles > 1
+    for name in names:
+        assert torch.allclose(outs[name], eager[name], atol=1e-6), name
+    assert len({round(outs[n].sum().item(), 4) for n in names}) == 16
+    lorakit.set_adapter(model, ["a0", "a1"])           # two active: summed in the slot, rank 2 + 3
+    with pytest.raises(lorakit.LoraError, match="max_rank=13"):
+        lorakit.set_adapter(model, ["a0", "a1", "a2", "default"])
+    assert lorakit.active_adapters(model) == ["a0", "a1"]
+    lorakit.end_compiled_switching(model)
+    lorakit.set_adapter(model, "a5")
+    assert torch.allclose(model(x), eager["a5"], atol=1e-6)

@@ -130,7 +130,7 @@ def test_real_smollm2_lora_trains_evaluates_and_reloads(tmp_path):
     from lorakit.tasks import get_task
     from lorakit.tasks.base import ModelOptions
     from lorakit.train.loop import train
-    from lorakit.train.run import verify_saved_adapter
+    from lorakit.experiments.run import verify_saved_adapter
     task = get_task("data-to-text")
     train_data, val = task.load_data(quick=True, seed=0)
     val = val.subset(8)

@@ -116,17 +116,21 @@ def test_fused_saves_less_than_eager_with_dropout():
     assert fused <= x.numel() * 4 + 64 * 4 * 4 + 4 * 16 * 4 + 24 * 4 * 4 + 10_000   # x, ax, A, B, rng
 
 
-def test_fused_not_used_for_subclasses_two_adapters_or_merged():
+def test_fused_path_is_an_explicit_property_of_layer_and_delta():
     layer = _layer("linear")
     x = torch.randn(2, 16, requires_grad=True)
-    assert _fused(layer(x).grad_fn)
+    assert layer.takes_fused_path() and _fused(layer(x).grad_fn)
 
-    class Sub(LoraLinear):
-        pass
-    sub = Sub(nn.Linear(16, 24))
+    class EagerOnly(LoraLinear):                  # a layer whose math the kernel does not compute
+        fused_kernel = False
+    sub = EagerOnly(nn.Linear(16, 24))
     sub.add_adapter("default", 4, 8, 0.0, False, "gaussian")
     sub.set_active(["default"])
-    assert not _fused(sub(x).grad_fn)
+    assert not sub.takes_fused_path() and not _fused(sub(x).grad_fn)
+    dora = LoraLinear(nn.Linear(16, 24))          # DoRA's delta is not plain s B A x
+    dora.add_adapter("default", 4, 8, 0.0, False, "gaussian", dora=True)
+    dora.set_active(["default"])
+    assert not dora.takes_fused_path() and not _fused(dora(x).grad_fn)
     layer.add_adapter("other", 4, 8, 0.0, False, "gaussian")
     layer.set_active(["default", "other"])
     assert not _fused(layer(x).grad_fn)

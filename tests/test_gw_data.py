@@ -31,7 +31,7 @@ def test_same_seed_same_data_other_seed_differs(data):
 
 def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
     first = gw.make_gw_dataset(4, seed=3, cache_dir=tmp_path, progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["gw_v1_n4_seed3_snr4-16.npz"]
+    assert [p.name for p in tmp_path.iterdir()] == ["gw_v2_n4_seed3_snr4-16.npz"]
 
     def refuse(*args):
         raise AssertionError("regenerated although the cache exists")

@@ -72,11 +72,24 @@ def test_second_adapter_loads_beside_first(tmp_path, ids):
     assert torch.equal(other(ids), expected)
 
 
-def test_save_leaves_no_temp_files_and_overwrites(tmp_path):
-    model = lorakit.apply_lora(fresh(), lorakit.LoraConfig(target_modules=["query"]))
-    lorakit.save_adapter(model, tmp_path)
-    lorakit.save_adapter(model, tmp_path)
-    assert len(list(tmp_path.iterdir())) == 2
+def test_save_leaves_no_temp_files_and_overwrites(tmp_path, ids):
+    """Saving a different adapter into the same folder replaces both files: what loads back is the second
+    adapter (its rank, its targets, its values), with nothing of the first left and no temp file."""
+    first_cfg = lorakit.LoraConfig(r=4, alpha=8, target_modules=["query", "value"])
+    first = lorakit.apply_lora(fresh(), first_cfg)
+    randomize_adapters(first, seed=1)
+    lorakit.save_adapter(first, tmp_path)
+    second_cfg = lorakit.LoraConfig(r=2, alpha=4, target_modules=["query"])
+    second = lorakit.apply_lora(fresh(), second_cfg)
+    randomize_adapters(second, seed=2)
+    lorakit.save_adapter(second, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = lorakit.load_adapter(fresh(), tmp_path)
+    saved, reread = lorakit.lora_state_dict(second), lorakit.lora_state_dict(loaded)
+    assert saved.keys() == reread.keys() and all(torch.equal(saved[k], reread[k]) for k in saved)
+    assert lorakit.list_adapters(loaded)["default"] == second_cfg
+    assert torch.equal(loaded(ids), second(ids))
+    assert not torch.equal(loaded(ids), first(ids))
 
 
 def test_wrong_base_refused_before_any_change(tmp_path):
@@ -90,3 +103,19 @@ def test_wrong_base_refused_before_any_change(tmp_path):
         lorakit.load_adapter(other, tmp_path)
     assert [type(m) for m in other.modules()] == kinds
     assert all(torch.equal(state[k], v) for k, v in other.state_dict().items())
+
+
+def test_saved_config_describes_every_module_rank(tmp_path, ids):
+    """Adapters whose modules differ in rank beyond what r / rank_pattern say (a combined adapter, a
+    rank override) are saved with rank / alpha patterns, so the file's config agrees with its tensors
+    (issue 16: loading refuses a config that disagrees) and PEFT reads the same scales."""
+    model = fresh()
+    lorakit.apply_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["query", "value"]),
+                       ranks={"layers.0.query": 2, "layers.1.value": 6})
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["rank_pattern"] == {"layers.0.query": 2, "layers.1.value": 6}
+    assert saved["alpha_pattern"] == {} and model.layers[0].query.lora["default"].scale == 4
+    loaded = lorakit.load_adapter(fresh(), tmp_path)
+    assert torch.equal(loaded(ids), model.eval()(ids))

@@ -1,6 +1,8 @@
 """Invariants of the LoRA math on every layer type: zero delta at init, merged == unmerged,
 idempotent merge, exact-up-to-the-bound unmerge, gradients only where they belong."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -27,10 +29,29 @@ def test_zero_delta_at_init(tiny, ids, init):
         assert delta.A.abs().sum() + delta.B.abs().sum() > 0, "one factor must be random"
 
 
-def test_gaussian_init_std_is_one_over_r(tiny):
-    lorakit.apply_lora(tiny, config(r=8, target_modules=["out"]))
-    a = tiny.layers[0].out.lora["default"].A
-    assert abs(a.std().item() - 1 / 8) < 0.02
+def _init_draws(init: str, r: int, fan_in: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(fan_in, 8))
+    lorakit.apply_lora(model, lorakit.LoraConfig(r=r, target_modules=["0"], init=init))
+    return model[0].lora["default"].A.detach().flatten()
+
+
+def test_gaussian_init_std_is_one_over_r():
+    """A ~ N(0, 1/r^2), PEFT's 'gaussian'. A is (16, 1024): with n = 16,384 draws the sample std is
+    within 1/sqrt(2n) = 0.55% of the true one (one sigma), so a 3% tolerance is 5 sigma. Kaiming-uniform
+    (a = sqrt 5) has std 1/sqrt(3 * fan_in) = 0.018, 3.5x below 1/r = 0.0625: both are measured and must
+    lie more than 20 tolerances apart. A uniform draw with the right std is caught by its excess kurtosis
+    (-1.2 against the normal's 0; the estimate's sd is sqrt(24/n) = 0.04 here)."""
+    r, fan_in = 16, 1024
+    gaussian, kaiming = _init_draws("gaussian", r, fan_in), _init_draws("kaiming", r, fan_in)
+    tol = 0.03 / r
+    kaiming_std = 1 / math.sqrt(3 * fan_in)
+    assert abs(gaussian.std().item() - 1 / r) < tol
+    assert abs(kaiming.std().item() - kaiming_std) < 0.03 * kaiming_std
+    assert abs(kaiming.std().item() - 1 / r) > 20 * tol
+    assert abs(gaussian.mean().item()) < 5 / (r * math.sqrt(gaussian.numel()))
+    z = (gaussian - gaussian.mean()) / gaussian.std()
+    assert abs((z ** 4).mean().item() - 3) < 0.3
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -116,11 +137,27 @@ def test_unmerge_bound_holds_in_bf16(tiny):
 
 
 def test_merge_is_explicit_not_hidden_in_eval(tiny, ids):
+    """loralib merges on ``.eval()``; here only merge_lora merges. Checked right after ``.eval()``: no
+    adapter is marked merged, every base weight is bit-identical, and the output is bit-identical to the
+    train-mode output (dropout is 0, so only a different computation, such as the merged weight, could
+    change a bit), while the adapters do change it."""
     lorakit.apply_lora(tiny, config())
     randomize_adapters(tiny)
-    tiny.eval()
+    weights = {name: layer.weight.detach().clone() for name, layer in lorakit.lora_layers(tiny)}
     tiny.train()
-    assert all(not layer.merged_adapters for _, layer in lorakit.lora_layers(tiny))
+    with torch.no_grad():
+        train_out = tiny(ids)
+    tiny.eval()
+    layers = dict(lorakit.lora_layers(tiny))
+    assert all(not layer.merged_adapters for layer in layers.values())
+    assert all(torch.equal(layer.weight, weights[name]) for name, layer in layers.items())
+    with torch.no_grad():
+        eval_out = tiny(ids)
+        assert torch.equal(eval_out, train_out)
+        with lorakit.disable_adapter(tiny):
+            assert (tiny(ids) - eval_out).abs().max() > 1e-2, "the adapters must change the output"
+    tiny.train()
+    assert all(not layer.merged_adapters for layer in layers.values())
 
 
 def test_safe_merge_refuses_nan_and_changes_nothing(tiny):
@@ -206,3 +243,23 @@ def test_dropout_only_in_train_mode(tiny, ids):
     a = tiny(ids)
     torch.manual_seed(1)
     assert not torch.equal(a, tiny(ids))
+
+
+def test_merge_inside_autocast_keeps_fp32_math():
+    """A merge inside torch.autocast(bf16) must still form s B A in fp32: unmerge restores W0 within
+    the fp32 bound (bf16 products would leave errors near 1e-3)."""
+    layer = nn.Linear(64, 64)
+    w0 = layer.weight.detach().clone()
+    model = nn.Sequential(layer)
+    lorakit.apply_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["0"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    delta = model[0].delta_weight(model[0].lora["default"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lorakit.merge_lora(model)
+    assert torch.allclose(model[0].weight, w0 + delta, atol=1e-5)
+    lorakit.unmerge_lora(model)
+    bound = 2.0 ** -24 * (2 * w0.abs() + delta.abs())
+    assert ((model[0].weight - w0).abs() <= bound + 1e-30).all()

@@ -5,7 +5,7 @@ import torch
 
 from conftest import randomize_adapters
 from lorakit import LoraConfig, LoraError, active_adapters, add_adapter, apply_lora, list_adapters
-from lorakit.lorahub import TRIAL, evaluate, lorahub
+from lorakit.tools.lorahub import TRIAL, evaluate, lorahub
 
 TARGETS = ["query", "value", "out"]
 

@@ -13,7 +13,7 @@ from torch import nn
 import lorakit
 from lorakit import LoraError
 from lorakit.methods import AdaptSpec, apply_method
-from lorakit.train.hooks import hooks_of
+from lorakit.methods.hooks import hooks_of
 from lorakit.train.loop import make_optimizer, train
 from lorakit.train.settings import TrainSettings
 
@@ -112,11 +112,15 @@ def test_dora_norm_gets_no_gradient():
     assert torch.allclose(layer.lora["default"].magnitude.grad, (x @ w.T / w.norm(dim=1))[0], atol=1e-5)
 
 
-def test_dora_refuses_non_linear_targets():
+def test_dora_on_an_embedding_learns_one_magnitude_per_dimension():
+    """DoRA on nn.Embedding, as PEFT does it (issue 16): one magnitude per embedding dimension, and
+    the model equals the base at init."""
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
-    with pytest.raises(LoraError, match="Linear"):
-        apply_method(model, "dora", AdaptSpec(head=[], lora_targets=["0"], r=2))
-    assert type(model[0]) is nn.Embedding
+    ids = torch.arange(10).view(2, 5)
+    base = model(ids)
+    apply_method(model, "dora", AdaptSpec(head=[], lora_targets=["0"], r=2))
+    assert model[0].lora["default"].magnitude.shape == (4,)
+    assert torch.allclose(model(ids), base, atol=1e-6)
 
 
 # --- rsLoRA, LoRA+ -----------------------------------------------------------------------------------

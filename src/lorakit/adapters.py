@@ -1,4 +1,4 @@
-"""Several named adapters on one model: a library of tasks to switch between (seed 002).
+"""Several named adapters on one model: a library of tasks to switch between (LoraHub, Huang et al. 2023).
 
 Switching only flips which adapters each LoRA layer adds in ``forward``; nothing is re-injected or
 copied, so it costs microseconds. Merged adapters must be unmerged first, because switching a merged
@@ -7,6 +7,7 @@ model would silently keep the old delta in the weights.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -14,9 +15,10 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LoraError
-from lorakit.inject import apply_lora, lora_layers, refresh_trainable, saved_module_wrappers
-from lorakit.layers.linear import LoraLinear
-from lorakit.state import check_adapter, lora_state
+from lorakit.inject import (activate, apply_lora, lora_layers, merge_lora, refresh_trainable,
+                            remove_unused_wrappers, saved_module_wrappers, unmerge_lora)
+from lorakit.layers.slot import SwitchSlot, slot_refusal
+from lorakit.state import check_adapter, has_lora, lora_state
 
 
 def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> nn.Module:
@@ -25,11 +27,13 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> nn.Module:
 
 
 def list_adapters(model: nn.Module) -> dict[str, LoraConfig]:
-    return dict(lora_state(model).configs)
+    """{name: config} of the model's adapters ({} for a model without any)."""
+    return dict(lora_state(model).configs) if has_lora(model) else {}
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    return list(lora_state(model).active)
+    """The active adapters' names ([] for a model without any)."""
+    return list(lora_state(model).active) if has_lora(model) else []
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> nn.Module:
@@ -44,13 +48,52 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> nn.Module:
             any(lora_state(model).configs[n].modules_to_save for n in names):
         raise LoraError(f"adapters {names} each have their own modules_to_save head; only one of "
                         "them can be active at a time")
-    for _, layer in lora_layers(model):
-        layer.set_active(names)
-    for _, wrapper in saved_module_wrappers(model):
-        wrapper.active = next((n for n in names if n in wrapper.modules_to_save), None)
-    lora_state(model).active = names
-    refresh_trainable(model)
+    _check_slots(model, names)
+    activate(model, names)
     return model
+
+
+def prepare_compiled_switching(model: nn.Module, max_rank: int | None = None) -> nn.Module:
+    """Let ``set_adapter`` switch adapters under ``torch.compile`` without recompiling (layers/slot.py):
+    each LoRA layer computes from fixed tensors of rank ``max_rank`` (default: the largest adapter rank
+    on the model) that ``set_adapter`` refills in place. For inference; call it before compiling.
+    ``end_compiled_switching`` goes back to the ordinary per-adapter forward."""
+    layers = lora_layers(model)
+    if not layers:
+        raise LoraError("the model has no LoRA layers; apply_lora or load_adapter first")
+    refused = {name: why for name, layer in layers for why in [slot_refusal(layer)] if why}
+    if refused:
+        raise LoraError(f"compiled switching holds plain LoRA only; {len(refused)} layers have other "
+                        f"kinds, e.g. {dict(list(refused.items())[:3])}")
+    r_max = max_rank or max(d.r for _, layer in layers for d in layer.lora.values())
+    if isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < 1:
+        raise LoraError(f"max_rank={max_rank!r} must be a positive integer")
+    _check_slots(model, active_adapters(model), r_max)
+    for _, layer in layers:
+        layer.slot = SwitchSlot(layer, r_max)
+        layer.slot.fill(layer, layer.active_adapters)
+    return model
+
+
+def end_compiled_switching(model: nn.Module) -> nn.Module:
+    for _, layer in lora_layers(model):
+        layer.slot = None
+    return model
+
+
+def _check_slots(model: nn.Module, names: list[str], r_max: int | None = None) -> None:
+    """Refuse before switching when a layer's slot could not hold ``names`` (too much rank, DoRA)."""
+    for path, layer in lora_layers(model):
+        size = r_max or (layer.slot.r if layer.slot is not None else None)
+        if size is None:
+            continue
+        why = slot_refusal(layer)
+        need = sum(layer.lora[n].r for n in names if n in layer.lora)
+        if why or need > size:
+            raise LoraError(f"{path}: adapters {names} need rank {need} ({why or 'plain LoRA'}); the "
+                            f"compiled-switching slot holds plain LoRA of rank {size}. Call "
+                            f"prepare_compiled_switching(model, max_rank={max(need, 1)}) again, or "
+                            "end_compiled_switching(model)")
 
 
 def set_trainable(model: nn.Module, name: str, trainable: bool) -> nn.Module:
@@ -61,6 +104,13 @@ def set_trainable(model: nn.Module, name: str, trainable: bool) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Delete adapter ``name``: its factors, DoRA magnitudes and head copies.
+
+    Deleting an *active* adapter follows PEFT: the other active adapters stay active; if none is left
+    active, the first remaining adapter becomes the active one, with a warning; if no adapter is left at
+    all, the model is its plain base model again (as after ``unload``), with a warning. A layer or head
+    that no remaining adapter uses is given back as the plain module it wrapped.
+    """
     state = check_adapter(model, name)
     for _, layer in lora_layers(model):
         if name in layer.merged_adapters:
@@ -75,9 +125,18 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
                 wrapper.active = None
     del state.configs[name]
     state.trainable.pop(name, None)
-    if name in state.active:
-        state.active.remove(name)
-    refresh_trainable(model)
+    still_active = [n for n in state.active if n != name]
+    remove_unused_wrappers(model)
+    if not state.configs:
+        warnings.warn(f"adapter {name!r} was deleted and no adapter is left: the model is the plain "
+                      "base model again (parameters stay frozen)", stacklevel=2)
+        return model
+    if name in state.active and not still_active:
+        still_active = [next(iter(state.configs))]
+        warnings.warn(f"adapter {name!r} was active and is deleted; the active adapter is now "
+                      f"{still_active[0]!r} (the first remaining one, as in PEFT); choose another with "
+                      "set_adapter(model, name)", stacklevel=2)
+    activate(model, still_active)
     return model
 
 
@@ -87,7 +146,6 @@ def disable_adapter(model: nn.Module):
 
     A merged model is unmerged on entry and merged again on exit, so outputs inside are the base's.
     """
-    from lorakit.inject import merge_lora, unmerge_lora
     layers = [layer for _, layer in lora_layers(model)]
     wrappers = [w for _, w in saved_module_wrappers(model)]
     was_merged = any(layer.merged_adapters for layer in layers)
@@ -124,12 +182,13 @@ def set_row_adapters(model: nn.Module, names: list[str | None] | None) -> nn.Mod
     if any(layer.merged_adapters for layer in layers):
         raise LoraError("adapters are merged into the weights; call unmerge_lora(model) before "
                         "serving mixed-adapter batches")
-    unsupported = sorted({type(layer).__name__ for layer in layers if type(layer) is not LoraLinear
-                          and any(n in layer.lora for n in used)})
+    unsupported = sorted({_row_kind(layer, n) for layer in layers for n in used if n in layer.lora
+                          and not (getattr(layer, "supports_row_adapters", False)
+                                   and layer.lora[n].is_plain)})
     if unsupported:
-        raise LoraError(f"mixed-adapter batches support LoraLinear layers only; adapters {used} also "
-                        f"sit on {unsupported}. Target plain linear layers, or run one adapter at a "
-                        "time with set_adapter")
+        raise LoraError(f"mixed-adapter batches support plain LoRA on linear layers only; adapters "
+                        f"{used} also sit on {unsupported}. Target plain linear layers, or run one "
+                        "adapter at a time with set_adapter")
     if len(saved_module_wrappers(model)) and any(state.configs[n].modules_to_save for n in used):
         raise LoraError(f"adapters {used} have their own modules_to_save heads, which cannot differ "
                         "per row; serve them one at a time with set_adapter")
@@ -141,6 +200,10 @@ def set_row_adapters(model: nn.Module, names: list[str | None] | None) -> nn.Mod
     for layer in layers:
         layer.row_adapters = (tuple(used), index)
     return model
+
+
+def _row_kind(layer, name: str) -> str:
+    return "DoRA" if not layer.lora[name].is_plain else type(layer).__name__
 
 
 @contextmanager

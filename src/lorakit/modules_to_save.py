@@ -19,6 +19,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.train(original.training)
 
     def add(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)

@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers import wrap_module
-from lorakit.targeting import Target, find_targets
 from lorakit.errors import LoraError
+from lorakit.layers import wrap_module
+from lorakit.module_paths import is_adapter_param, matches_module
+from lorakit.modules_to_save import ModulesToSave
+from lorakit.targeting import Target, candidate_modules, find_targets, resolve_config
+
+DORA_KINDS = ("linear", "conv1d-gpt2", "embedding", "conv")     # not fused slices
+LORA_BIAS_KINDS = ("linear", "conv1d-gpt2", "conv")            # PEFT: not on embeddings
 
 
 @dataclass
@@ -30,10 +35,12 @@ class PlanRow:
     scale: float
     a_shape: tuple
     b_shape: tuple
+    magnitude: int = 0            # DoRA: one learnt norm per output feature
+    lora_bias: int = 0            # lora_bias: one bias per output feature
 
     @property
     def params(self) -> int:
-        return math.prod(self.a_shape) + math.prod(self.b_shape)
+        return math.prod(self.a_shape) + math.prod(self.b_shape) + self.magnitude + self.lora_bias
 
 
 @dataclass
@@ -43,6 +50,7 @@ class LoraPlan:
     saved_modules: dict[str, int] = field(default_factory=dict)   # name -> params trained in full
     bias_params: int = 0
     targets: list[Target] = field(default_factory=list, repr=False)
+    config: LoraConfig | None = field(default=None, repr=False)   # with model-dependent fields resolved
 
     @property
     def lora_params(self) -> int:
@@ -92,28 +100,34 @@ def plan_lora(model: nn.Module, cfg: LoraConfig) -> LoraPlan:
                         f"{type(cfg).__qualname__}; build one with lorakit.LoraConfig(r=8, alpha=16, "
                         "target_modules=[...]) (PEFT's lora_alpha is alpha here, lora_dropout dropout)")
     cfg.validate()
+    cfg = resolve_config(model, cfg)
     targets = find_targets(model, cfg)
+    for on, kinds, what in ((cfg.dora, DORA_KINDS, "dora=True (DoRA)"),
+                            (cfg.lora_bias, LORA_BIAS_KINDS, "lora_bias=True")):
+        bad = [f"{t.name} ({t.kind})" for t in targets if on and t.kind not in kinds]
+        if bad:
+            raise LoraError(f"{what} is implemented for {kinds} layers; these targets are not: "
+                            f"{bad[:6]}. Drop them from target_modules or turn it off")
     rows = []
     for target in targets:
         layer = wrap_module(target.module, target.kind, target.fused_mask)   # allocates nothing
         r = cfg.rank_for(target.name)
         a_shape, b_shape = layer.factor_shapes(r)
         rows.append(PlanRow(target.name, layer.describe_base(), r, cfg.alpha_for(target.name),
-                            cfg.scale_for(target.name), tuple(a_shape), tuple(b_shape)))
+                            cfg.scale_for(target.name), tuple(a_shape), tuple(b_shape),
+                            b_shape[0] if cfg.dora else 0, b_shape[0] if cfg.lora_bias else 0))
     saved = {name: sum(p.numel() for p in module.parameters())
              for name, module in resolve_modules_to_save(model, cfg)}
     bias_params = _bias_params(model, cfg, {t.name for t in targets})
     base = sum(p.numel() for p in model.parameters()) - _lora_params_already(model)
-    return LoraPlan(rows, base, saved, bias_params, targets)
+    return LoraPlan(rows, base, saved, bias_params, targets, cfg)
 
 
 def resolve_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
     """(name, module) for each modules_to_save pattern; a pattern that matches nothing is an error."""
-    from lorakit.modules_to_save import ModulesToSave
-    from lorakit.targeting import candidate_modules
     found = []
     for pattern in cfg.modules_to_save or []:
-        hits = [(n, m) for n, m in candidate_modules(model) if n == pattern or n.endswith("." + pattern)]
+        hits = [(n, m) for n, m in candidate_modules(model) if matches_module(n, pattern)]
         if not hits:
             leaves = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
             raise LoraError(f"modules_to_save entry {pattern!r} matches no module; module names end "
@@ -134,8 +148,7 @@ def _bias_params(model: nn.Module, cfg: LoraConfig, target_names: set[str]) -> i
 
 def _lora_params_already(model: nn.Module) -> int:
     """Parameters of adapters and head copies added earlier, so base counts only the base."""
-    return sum(p.numel() for n, p in model.named_parameters()
-               if ".lora." in n or n.startswith("lora.") or ".modules_to_save." in n)
+    return sum(p.numel() for n, p in model.named_parameters() if is_adapter_param(n))
 
 
 def format_bytes(count: int) -> str:

@@ -1,6 +1,7 @@
 """Which modules of a model a LoraConfig adapts, and a strict check that every pattern was meant.
 
-PEFT only complains when *nothing* matches, so a typo in one of three patterns silently trains a
+Patterns follow the one rule of ``lorakit.module_paths.matches_module``. PEFT only complains when
+*nothing* matches, so a typo in one of three patterns silently trains a
 third less than intended. Here each suffix pattern must match at least one module (``strict=True``),
 and the error suggests the closest module names. A match of a type LoRA cannot wrap is an error too.
 """
@@ -10,14 +11,16 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
-from lorakit.config import ALL_LINEAR, LoraConfig, pattern_matches
+from lorakit.config import ALL_LINEAR, LoraConfig
 from lorakit.errors import LoraError
-from lorakit.layers import LoraFusedLinear, LoraLayer, LoraLinear
+from lorakit.layers import LoraFusedLinear, LoraLayer, LoraLinear, is_gpt2_conv1d
+from lorakit.module_paths import matches_module
 from lorakit.modules_to_save import ModulesToSave
+from lorakit.peft_names import DEFAULT_TARGETS, TASK_HEADS
 
 DEFAULT_LAYERS_PATTERNS = ("layers", "layer", "h", "blocks", "block")
 SUPPORTED = "nn.Linear, GPT-2 Conv1D, nn.Embedding, nn.Conv1d/2d/3d"
@@ -29,11 +32,6 @@ class Target:
     module: nn.Module
     kind: str                 # "linear", "conv1d-gpt2", "embedding", "conv", "fused"
     fused_mask: list[bool] | None = None
-
-
-def is_gpt2_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's GPT-2 ``Conv1D``: a linear layer whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -67,12 +65,47 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def resolve_config(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
+    """``cfg`` with what depends on the model filled in, as PEFT does: ``target_modules=None`` becomes
+    the usual targets of the model's architecture (``peft_names.DEFAULT_TARGETS`` by
+    ``model.config.model_type``; a warning names them), and a ``task_type`` whose PEFT model trains a
+    head (SEQ_CLS, TOKEN_CLS: classifier / score; QUESTION_ANS: qa_outputs) adds the heads the model
+    has to ``modules_to_save``."""
+    changes = {}
+    if cfg.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets = DEFAULT_TARGETS.get(model_type)
+        if targets is None:
+            known = ", ".join(sorted(DEFAULT_TARGETS)[:12])
+            raise LoraError(f"target_modules=None picks the usual targets of a known architecture "
+                            f"({known}, ...), but this model's config.model_type is {model_type!r}; name "
+                            "the modules (e.g. ['q_proj', 'v_proj']) or use 'all-linear'. `lorakit "
+                            "inspect MODEL` lists them")
+        changes["target_modules"] = list(targets) if isinstance(targets, list) else targets
+        warnings.warn(f"target_modules=None: adapting {targets!r}, the usual targets for model_type "
+                      f"{model_type!r} (PEFT's defaults)", stacklevel=4)
+    heads = TASK_HEADS.get(cfg.task_type, ())
+    names = [n for n, _ in candidate_modules(model)] if heads else []
+    extra = [h for h in heads if h not in (cfg.modules_to_save or [])
+             and any(matches_module(n, h) for n in names)]
+    if extra:
+        changes["modules_to_save"] = list(cfg.modules_to_save or []) + extra
+    return replace(cfg, **changes) if changes else cfg
+
+
 def find_targets(model: nn.Module, cfg: LoraConfig) -> list[Target]:
     """The modules ``cfg`` adapts, in model order. Raises LoraError for patterns that match nothing
     (when strict) and for matches of an unsupported type."""
     modules = candidate_modules(model)
     names = [n for n, _ in modules]
-    matched = [(n, m) for n, m in modules if _is_target(n, m, model, cfg)]
+    mha = [(n, m) for n, m in modules if isinstance(m, nn.MultiheadAttention)]
+    inside_mha = {n for n, _ in modules if _mha_parent(n, mha)}
+    if cfg.target_modules == ALL_LINEAR and any(_is_target(n, m, model, cfg) for n, m in modules
+                                                if n in inside_mha):
+        warnings.warn(f"'all-linear' leaves out {sorted(inside_mha)[:4]}: nn.MultiheadAttention reads "
+                      "its projection weights directly, so LoRA there would do nothing", stacklevel=4)
+    matched = [(n, m) for n, m in modules if _is_target(n, m, model, cfg)
+               and not (cfg.target_modules == ALL_LINEAR and n in inside_mha)]
     _check_every_pattern_matched(cfg, names, matched)
     selected = [(n, m) for n, m in matched
                 if not _is_excluded(n, cfg) and _in_selected_layers(n, cfg)]
@@ -81,6 +114,7 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[Target]:
                         f"exclude_modules / layers_to_transform removed them all")
     targets = []
     for name, module in selected:
+        _refuse_multihead_attention(name, module, modules)
         kind = module_kind(module)
         if kind is None:
             raise LoraError(f"module {name!r} matched target_modules but is {type(module).__name__}; "
@@ -94,6 +128,25 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[Target]:
     return targets
 
 
+def _mha_parent(name: str, modules: list) -> str | None:
+    """The nn.MultiheadAttention ``name`` sits inside, if any."""
+    mha = [n for n, m in modules if isinstance(m, nn.MultiheadAttention)]
+    return next((n for n in mha if name.startswith(n + ".")), None)
+
+
+def _refuse_multihead_attention(name: str, module: nn.Module, modules: list) -> None:
+    if isinstance(module, nn.MultiheadAttention):
+        raise LoraError(f"module {name!r} is an nn.MultiheadAttention: LoRA on its packed in/out "
+                        "projection weights (PEFT's MultiheadAttention LoRA) is not implemented in "
+                        "lorakit; adapt the model's other layers, or build attention from nn.Linear "
+                        "projections")
+    parent = _mha_parent(name, modules)
+    if parent is not None:
+        raise LoraError(f"module {name!r} sits inside the nn.MultiheadAttention {parent!r}, which reads "
+                        "its weight directly (F.multi_head_attention_forward), so LoRA there would do "
+                        "nothing; drop it from target_modules")
+
+
 def _is_target(name: str, module: nn.Module, model: nn.Module, cfg: LoraConfig) -> bool:
     target = cfg.target_modules
     if target == ALL_LINEAR:
@@ -101,7 +154,7 @@ def _is_target(name: str, module: nn.Module, model: nn.Module, cfg: LoraConfig) 
             and name not in output_head_names(model, cfg)
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
+    return any(matches_module(name, t) for t in target)
 
 
 def output_head_names(model: nn.Module, cfg: LoraConfig) -> set[str]:
@@ -111,7 +164,7 @@ def output_head_names(model: nn.Module, cfg: LoraConfig) -> set[str]:
     head = getter() if callable(getter) else None
     for name, module in model.named_modules():
         if module is head or name.split(".")[-1] in ("lm_head",) or \
-                any(name == h or name.endswith("." + h) for h in heads):
+                any(matches_module(name, h) for h in heads):
             heads.add(name)
     return heads
 
@@ -121,7 +174,7 @@ def _check_every_pattern_matched(cfg: LoraConfig, names: list[str], matched: lis
     if isinstance(target, str):
         unmatched = [target] if not matched else []
     else:
-        unmatched = [t for t in target if not any(n == t or n.endswith("." + t) for n, _ in matched)]
+        unmatched = [t for t in target if not any(matches_module(n, t) for n, _ in matched)]
     if not unmatched:
         return
     leaves = sorted({n.split(".")[-1] for n in names})
@@ -140,7 +193,7 @@ def _is_excluded(name: str, cfg: LoraConfig) -> bool:
         return False
     if isinstance(excl, str):
         return re.fullmatch(excl, name) is not None
-    return any(name == e or name.endswith("." + e) for e in excl)
+    return any(matches_module(name, e) for e in excl)
 
 
 def layer_index(name: str, layers_pattern) -> int | None:
@@ -160,11 +213,12 @@ def _in_selected_layers(name: str, cfg: LoraConfig) -> bool:
 
 def _fused_mask(name: str, cfg: LoraConfig) -> list[bool] | None:
     for pattern, mask in cfg.fused_slices.items():
-        if pattern_matches(pattern, name):
+        if matches_module(name, pattern):
             return list(mask)
     return None
 
 
 def _children_hint(module: nn.Module, name: str) -> list[str]:
     return [f"{name}.{child}" for child, sub in module.named_modules()
-            if child and module_kind(sub) is not None][:4]
+            if child and module_kind(sub) is not None
+            and not isinstance(module, nn.MultiheadAttention)][:4]

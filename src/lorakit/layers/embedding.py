@@ -4,6 +4,8 @@
     dW = s * (B A)^T                  shaped (num, dim) like W0
 
 A is the lookup table here, so the init swaps roles: A = 0 and B random (still dW = 0 at the start).
+Token ids get no dropout (PEFT skips it too). DoRA (layers/dora.py) learns one magnitude per embedding
+dimension: the norm of each column of W0 + s dW, over all tokens (PEFT's DoraEmbeddingLayer).
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers.base import LoraLayer, LowRankDelta
+from lorakit.layers.dora import DoraDelta
 
 
 class LoraEmbedding(LoraLayer):
+    dropout_on_input = False
+
     def __init__(self, base: nn.Embedding):
         super().__init__(base)
         self.num_embeddings, self.embedding_dim = base.weight.shape
@@ -26,10 +31,23 @@ class LoraEmbedding(LoraLayer):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, self.weight, **self.lookup)
 
+    def low_rank(self, h: torch.Tensor, delta: LowRankDelta) -> torch.Tensor:
+        return F.embedding(h, delta.A.t(), padding_idx=self.lookup["padding_idx"]) @ delta.B.t()
+
     def lora_forward(self, x: torch.Tensor, delta: LowRankDelta) -> torch.Tensor:
-        # No dropout on token ids; PEFT skips it for embeddings too.
-        rows = F.embedding(x, delta.A.t(), padding_idx=self.lookup["padding_idx"])
-        return delta.scale * (rows @ delta.B.t())
+        return delta.scale * self.low_rank(x, delta)          # no dropout on token ids
+
+    def frozen_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.embedding(h, self.weight, **self.lookup)
+
+    def weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()                                      # (dim, num): a row per embedding dim
+
+    def row_view(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1)
+
+    def delta_class(self, dora: bool) -> type[LowRankDelta]:
+        return DoraDelta if dora else LowRankDelta
 
     def delta_weight(self, delta: LowRankDelta) -> torch.Tensor:
         return delta.scale * (delta.B.detach().float() @ delta.A.detach().float()).t()

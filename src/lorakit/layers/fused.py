@@ -22,6 +22,15 @@ from lorakit.layers.linear import LoraLinear
 
 
 class LoraFusedLinear(LoraLinear):
+    fused_kernel = False              # each slice is its own low-rank product: the eager path computes it
+    supports_row_adapters = False
+
+    def delta_class(self, dora: bool) -> type[LowRankDelta]:
+        if dora:
+            raise LoraError("DoRA on slices of a fused projection is not implemented; drop fused_slices "
+                            "for this module or set dora=False")
+        return LowRankDelta
+
     def __init__(self, base: nn.Module, mask: list[bool], fan_in_fan_out: bool = False):
         super().__init__(base, fan_in_fan_out)
         if self.out_features % len(mask):

@@ -9,31 +9,18 @@
 
 Each method takes the model and an AdaptSpec, freezes what it does not train (the task head always
 trains), and returns the model, ready for the training loop. A method that changes *how* training
-runs (its optimizer, schedule, or per-step work) attaches ``model.train_hooks`` (train/hooks.py).
+runs (its optimizer, schedule, or per-step work) attaches ``model.train_hooks`` (methods/hooks.py).
 ``spec.r`` is every method's size knob: LoRA rank, adapter bottleneck width, prefix length, GaLore rank.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
 
 from torch import nn
 
-from lorakit.config import LoraConfig
 from lorakit.errors import LoraError
-from lorakit.inject import apply_lora
-
-
-@dataclass
-class AdaptSpec:
-    head: list[str]                                    # module names trained by every method
-    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-    extra: dict = field(default_factory=dict)         # method-specific knobs (e.g. lora_plus_ratio)
+from lorakit.methods.spec import AdaptSpec, apply_plain_lora
 
 
 def _full(model: nn.Module, spec: AdaptSpec) -> nn.Module:
@@ -48,21 +35,15 @@ def _frozen(model: nn.Module, spec: AdaptSpec) -> nn.Module:
     return model
 
 
-def _lora(model: nn.Module, spec: AdaptSpec) -> nn.Module:
-    cfg = LoraConfig(r=spec.r, alpha=spec.alpha, target_modules=spec.lora_targets,
-                     dropout=spec.dropout, rslora=spec.rslora, modules_to_save=spec.head)
-    return apply_lora(model, cfg)
-
-
 METHODS = {
-    "full": _full, "frozen": _frozen, "lora": _lora,
-    # the paper's baselines (seed 001)
+    "full": _full, "frozen": _frozen, "lora": apply_plain_lora,
+    # the LoRA paper's baselines (Hu et al. 2021, Tables 2-4)
     "bitfit": "lorakit.methods.bitfit:apply_bitfit",
     "ia3": "lorakit.methods.ia3:apply_ia3",
     "adapter-houlsby": "lorakit.methods.adapters:apply_houlsby",
     "adapter-lin": "lorakit.methods.adapters:apply_lin",
     "prefix": "lorakit.methods.prefix:apply_prefix",
-    # the LoRA family (seeds 002, 004)
+    # the LoRA family and GaLore (each file cites its paper)
     "dora": "lorakit.methods.dora:apply_dora",
     "rslora": "lorakit.methods.lora_variants:apply_rslora",
     "pissa": "lorakit.methods.lora_variants:apply_pissa",
@@ -76,6 +57,8 @@ METHODS = {
 # Methods whose trainable-parameter count does not depend on spec.r (galore's rank sizes its optimizer
 # state, not what trains): `compare --sizes` runs them once.
 UNSIZED = frozenset({"full", "frozen", "bitfit", "ia3", "galore"})
+
+__all__ = ["AdaptSpec", "METHODS", "UNSIZED", "apply_method", "method_function"]
 
 
 def method_function(method: str):

@@ -39,15 +39,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LoraError
+from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from lorakit.module_paths import replace_module
 from lorakit.plan import plan_lora
-from lorakit.train.hooks import TrainHooks
+from lorakit.methods.hooks import TrainHooks
+from lorakit.methods.method_files import write_folder
 
-PREFIX = "base_model.model."
 KINDS = ("linear", "conv1d-gpt2")
 
 
@@ -91,9 +92,6 @@ def svd_layers(model: nn.Module) -> list[tuple[str, SVDLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SVDLinear)]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 # --- the method ---------------------------------------------------------------------------------------
@@ -108,7 +106,7 @@ def apply_adalora(model: nn.Module, spec) -> nn.Module:
         raise LoraError(f"adalora adapts Linear / GPT-2 Conv1D layers only; not {bad}")
     model.requires_grad_(False)
     for t in targets:
-        _replace(model, t.name, SVDLinear(t.module, init_r, spec.alpha, init_r,
+        replace_module(model, t.name, SVDLinear(t.module, init_r, spec.alpha, init_r,
                                           t.kind == "conv1d-gpt2", spec.dropout).to(t.module.weight.device))
     for name in spec.head:
         model.get_submodule(name).requires_grad_(True)
@@ -256,20 +254,16 @@ def save_adalora(model: nn.Module, folder: str | os.PathLike) -> Path:
               "tfinal": getattr(hooks, "tfinal", 0), "deltaT": getattr(hooks, "delta_t", 1),
               "beta1": hooks.beta1, "beta2": hooks.beta2, "orth_reg_weight": hooks.orth_reg_weight,
               "rank_pattern": pattern or None}
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return out
+    return write_folder(folder, {PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                        config)
 
 
 def load_adalora(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Load an ADALORA adapter (lorakit's or PEFT's) onto a base model, for inference. Checks first."""
     folder = Path(folder)
     try:
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
+        cfg = json.loads((folder / CONFIG_NAME).read_text())
+        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
             tensors = {k.removeprefix(PREFIX): handle.get_tensor(k) for k in handle.keys()}
     except (OSError, ValueError) as err:
         raise LoraError(f"{folder} is not a readable AdaLoRA adapter ({err})") from None
@@ -306,7 +300,7 @@ def load_adalora(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             for part in ("lora_A", "lora_E", "lora_B"):
                 getattr(layer, part).copy_(tensors[f"{path}.{part}"])
             layer.requires_grad_(False)
-            _replace(model, path, layer)
+            replace_module(model, path, layer)
     return model
 
 
@@ -317,7 +311,7 @@ def merge_adalora(model: nn.Module) -> nn.Module:
             layer.weight.add_(layer.delta_weight().to(layer.weight.dtype))
             base = layer.base_layer
             base.weight = layer.weight
-            _replace(model, path, base)
+            replace_module(model, path, base)
     return model
 
 

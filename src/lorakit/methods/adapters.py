@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LoraError
+from lorakit.module_paths import replace_module
 from lorakit.methods.method_files import MethodIO, check_head, train_only
 
 # model_type -> (attention output projection, FFN output projection), as name patterns
@@ -83,9 +84,7 @@ def _apply(model, spec, method, apply, sites, layer_norm) -> nn.Module:
     patterns = spec.extra.get("targets") or default_targets(model, sites)
     targets = find_linear_targets(model, patterns)
     for name, linear in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                AdapterLinear(linear, spec.r, layer_norm))
+        replace_module(model, name, AdapterLinear(linear, spec.r, layer_norm))
     trainable = [p for n, p in model.named_parameters() if ".adapter." in n]
     if method == "adapter-houlsby":                 # Houlsby et al. also train the LayerNorms
         trainable += [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]

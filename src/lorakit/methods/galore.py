@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LoraError
-from lorakit.train.hooks import TrainHooks
+from lorakit.methods.hooks import TrainHooks
 
 
 class GaLoreAdamW(torch.optim.Optimizer):

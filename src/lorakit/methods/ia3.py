@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LoraError
-from lorakit.methods.method_files import (WEIGHTS_NAME, check_head, read_folder, train_only,
-                                          write_folder)
-
-PREFIX = "base_model.model."
+from lorakit.module_paths import replace_module
+from lorakit.io import PREFIX, WEIGHTS_NAME
+from lorakit.methods.method_files import check_head, read_folder, train_only, write_folder
 # model_type -> (key/value projections, FFN down-projection), as name patterns
 SITES = {
     "bert": (r"attention\.self\.(?:key|value)", r"layer\.\d+\.output\.dense"),     # BERT, MiniLM
@@ -136,8 +135,7 @@ def _matches(patterns, name: str, dot: bool) -> bool:
 
 def _inject(model: nn.Module, config: dict, targets: list) -> nn.Module:
     for name, linear, feedforward in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, IA3Linear(linear, feedforward))
+        replace_module(model, name, IA3Linear(linear, feedforward))
     head = [h for h in config.get("modules_to_save") or [] if h in dict(model.named_modules())]
     train_only(model, [m.ia3_l for m in model.modules() if isinstance(m, IA3Linear)], head)
     model.method_io = IA3IO(config, head)
@@ -181,8 +179,7 @@ def merge_ia3(model: nn.Module) -> nn.Module:
     """Fold every (IA)^3 vector into its Linear (exact up to rounding); returns the plain model."""
     for name, module in list(model.named_modules()):
         if isinstance(module, IA3Linear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.merged())
+            replace_module(model, name, module.merged())
     model.method_io = None
     return model
 

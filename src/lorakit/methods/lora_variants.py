@@ -10,7 +10,7 @@
                ``AdaptSpec.extra["lora_plus_ratio"]``), A at lr
 
 PiSSA's residual base is recorded on each adapter as a weight offset (W_res = W0 + s (-B0) A0, see
-io.py), so ``save_adapter`` writes a plain rank-2r LoRA against the *untouched* W0 ([B, -B0], [A; A0],
+io/save.py), so ``save_adapter`` writes a plain rank-2r LoRA against the *untouched* W0 ([B, -B0], [A; A0],
 PEFT's PiSSA-to-LoRA conversion) that loads in lorakit and PEFT onto the original base model.
 """
 
@@ -22,26 +22,19 @@ from torch import nn
 from lorakit.errors import LoraError
 from lorakit.inject import lora_layers
 from lorakit.layers import LoraLinear
-from lorakit.train.hooks import TrainHooks
+from lorakit.methods.hooks import TrainHooks
+from lorakit.methods.spec import apply_plain_lora
 
 DEFAULT_LORA_PLUS_RATIO = 16.0
 
 
-def _lora(model: nn.Module, spec, rslora: bool | None = None) -> nn.Module:
-    from lorakit.methods import _lora as plain
-    if rslora is not None:
-        from dataclasses import replace
-        spec = replace(spec, rslora=rslora)
-    return plain(model, spec)
-
-
 def apply_rslora(model: nn.Module, spec) -> nn.Module:
-    return _lora(model, spec, rslora=True)
+    return apply_plain_lora(model, spec, rslora=True)
 
 
 # --- PiSSA ------------------------------------------------------------------------------------------
 def apply_pissa(model: nn.Module, spec) -> nn.Module:
-    model = _lora(model, spec)
+    model = apply_plain_lora(model, spec)
     layers = [(n, l) for n, l in lora_layers(model) if "default" in l.lora]
     bad = [n for n, l in layers if type(l) is not LoraLinear]
     if bad:
@@ -69,7 +62,7 @@ def add_weight_offset(delta, a: torch.Tensor, b: torch.Tensor) -> None:
     """Record that the layer's frozen weight moved by s * b @ a (a: (k, in), b: (out, k)); offsets add up.
     Buffers, not parameters: they never train, and travel with ``.to(device)``."""
     a, b = a.detach().float().clone(), b.detach().float().clone()
-    if getattr(delta, "offset_A", None) is not None:
+    if delta.offset_A is not None:
         a, b = torch.cat([delta.offset_A, a]), torch.cat([delta.offset_B, b], dim=1)
     delta.register_buffer("offset_A", a)
     delta.register_buffer("offset_B", b)
@@ -97,6 +90,6 @@ def apply_lora_plus(model: nn.Module, spec) -> nn.Module:
     if not ratio > 0:
         raise LoraError(f"lora_plus_ratio={ratio!r} must be positive (the paper uses 2 to 32; default "
                         f"{DEFAULT_LORA_PLUS_RATIO:g})")
-    model = _lora(model, spec)
+    model = apply_plain_lora(model, spec)
     model.train_hooks = LoraPlusHooks([l.lora["default"].B for _, l in lora_layers(model)], ratio)
     return model

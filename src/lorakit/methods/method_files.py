@@ -26,9 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import LoraError
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from lorakit.methods.spec import AdaptSpec
 
 
 @dataclass
@@ -40,7 +39,7 @@ class MethodIO:
     folded into the weights (train/run.py then checks only the reload)."""
 
     method: str
-    spec: object                                   # AdaptSpec (not imported: methods/__init__ imports us)
+    spec: AdaptSpec
     apply: Callable
     base_shapes: dict = field(default_factory=dict)
     merge: Callable | None = None
@@ -58,7 +57,6 @@ class MethodIO:
 
 def load_method(base: nn.Module, folder, method: str, apply: Callable) -> nn.Module:
     """Check the files against ``base``, then apply the method to it and copy the saved tensors in."""
-    from lorakit.methods import AdaptSpec
     config, tensors = read_method_files(folder, method)
     spec = AdaptSpec(**config["spec"])
     params = dict(base.named_parameters())
@@ -161,14 +159,3 @@ def write_folder(folder, tensors: dict, config: dict) -> Path:
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return folder
-
-
-def atomic_write(target: Path, write) -> None:
-    """Write beside ``target``, then rename: a crash never leaves half a file."""
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

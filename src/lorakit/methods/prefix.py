@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LoraError
+from lorakit.module_paths import replace_module
 from lorakit.methods.method_files import MethodIO, check_head, train_only
 
 MODES = ("activation", "kv")
@@ -98,8 +99,7 @@ def apply_prefix(model: nn.Module, spec) -> nn.Module:
     targets = attention_modules(model)
     for name, attn in targets:
         init = real_word_rows(model, spec.r, attn.key.in_features)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, PrefixSelfAttention(attn, init, mode))
+        replace_module(model, name, PrefixSelfAttention(attn, init, mode))
     own = [p for n, p in model.named_parameters()
            if n.rpartition(".")[2] in ("prefix", "prefix_key", "prefix_value")]
     train_only(model, own, spec.head)

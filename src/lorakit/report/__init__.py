@@ -1,1 +1,3 @@
-"""results.json, report.md and PNG plots for ``lorakit compare``."""
+"""Reports and figures of the application: ``lorakit compare`` (markdown.py: report.md; plots.py:
+the PNGs), ``lorakit analyze`` (analysis.py) and ``lorakit lorahub`` (lorahub.py). matplotlib loads on
+the first figure (plots.pyplot)."""

@@ -1,27 +1,40 @@
-"""The seeds' figures: validation metric and loss against training time, one line per method, the
-cost of each method (trainable parameters, peak memory, training time) as bars, and the LoRA paper's
-Figure 2: validation metric against the number of trainable parameters."""
+"""The figures of the Whisper gravitational-wave LoRA study: validation metric and loss against
+training time, one line per method, the cost of each method (trainable parameters, peak memory,
+training time) as bars, and the LoRA paper's Figure 2: validation metric against the number of
+trainable parameters."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use (``lorakit --help`` and
+    library users never pay for it)."""
+    import matplotlib                  # deferred: heavy optional dependency
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt    # deferred: heavy optional dependency
+    return plt
+
 
 LABELS = {"val_auc": "validation AUC", "val_accuracy": "validation accuracy",
           "val_loss": "validation loss"}
 
 
 def curves_vs_time(results: dict, key: str, path: Path, title: str) -> Path:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, run in results["methods"].items():
         history = run.get("history") or []
         if history and key in history[0]:
-            ax.plot([h["time_s"] for h in history], [h[key] for h in history], marker="o",
-                    markersize=3, label=method)
+            x, y = [h["time_s"] for h in history], [h[key] for h in history]
+            n = len(run.get("seeds", [])) if f"{key}_std" in history[0] else 0
+            line, = ax.plot(x, y, marker="o", markersize=3,
+                            label=f"{method} (mean of {n} seeds)" if n > 1 else method)
+            if n > 1:                   # mean +- one std over seeds
+                std = [h[f"{key}_std"] for h in history]
+                ax.fill_between(x, [a - b for a, b in zip(y, std)], [a + b for a, b in zip(y, std)],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel(LABELS.get(key, key))
     ax.set_title(title)
@@ -35,7 +48,8 @@ def curves_vs_time(results: dict, key: str, path: Path, title: str) -> Path:
 
 def cost_bars(results: dict, path: Path) -> Path:
     """Trainable parameters (log scale), peak memory split into before-training and training, time."""
-    runs = {m: r for m, r in results["methods"].items() if "trainable_params" in r}
+    plt = pyplot()
+    runs = {m: r for m, r in results["methods"].items() if "trainable_params" in r and not r.get("reference")}
     names = list(runs)
     before = [runs[m].get("baseline_memory_mb", 0.0) for m in names]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
@@ -59,9 +73,10 @@ def cost_bars(results: dict, path: Path) -> Path:
 
 def metric_vs_params(results: dict, metric: str, path: Path) -> Path:
     """One line per method through its runs (sizes), x = trainable parameters (log), y = best metric."""
+    plt = pyplot()
     lines: dict[str, list[tuple[int, float]]] = {}
     for run in results["methods"].values():
-        if "trainable_params" in run and metric in run["best"]:
+        if "trainable_params" in run and metric in run["best"] and not run.get("reference"):
             lines.setdefault(run.get("method", "?"), []).append(
                 (run["trainable_params"], run["best"][metric]))
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -1,5 +1,5 @@
-"""Tasks by CLI name. Each module is imported only when its task is asked for (they pull in
-transformers, lalsuite or sklearn)."""
+"""Tasks by CLI name. Each module is imported only when its task is asked for, so one task's data
+and model code (numpy, lalsuite waveforms, tokenizers) costs nothing to the others or to the CLI."""
 
 from __future__ import annotations
 

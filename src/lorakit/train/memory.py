@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from lorakit.errors import LoraError
+
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
@@ -43,6 +45,5 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from lorakit.errors import LoraError
         raise LoraError("--device cuda was asked for but no CUDA device is available; use --device auto")
     return device

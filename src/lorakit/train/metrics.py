@@ -12,7 +12,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 
     ``logits``: (n,) or (n, 1) for a single binary logit (BCE), (n, C) for C classes (cross-entropy).
     """
-    from sklearn.metrics import accuracy_score, roc_auc_score
+    from sklearn.metrics import accuracy_score, roc_auc_score     # deferred: heavy optional dependency
 
     logits, labels = logits.float().cpu(), labels.cpu()
     if logits.dim() == 1 or logits.shape[-1] == 1:

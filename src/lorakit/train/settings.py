@@ -15,7 +15,7 @@ OPTIMIZERS = ("adamw", "sgd")
 class TrainSettings:
     lr: float = 1e-3
     head_lr: float | None = None      # the new task head's lr (None: lr); full FT wants a larger one
-    optimizer: str = "adamw"          # "adamw", or "sgd" (the PyTorch tutorial seed 004 follows)
+    optimizer: str = "adamw"          # "adamw", or "sgd" (as in the LoRALinear MNIST notebook)
     momentum: float = 0.0             # for sgd
     batch_size: int = 32
     max_steps: int = 200              # optimizer steps

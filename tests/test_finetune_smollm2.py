@@ -1,0 +1,43 @@
+"""End to end on the real model and real data: `lorakit finetune --model smollm2 --data chatterbot
+--quick`, then `lorakit generate` with the adapter, then PEFT loads the same adapter with the same
+logits as lorakit."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from finetune_helpers import run_cli
+
+
+@pytest.mark.slow
+def test_smollm2_chatterbot_quick_finetune_generate_and_peft_parity(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gguf")
+    pytest.importorskip("datasets")
+    pytest.importorskip("chatterbot_corpus")
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("LORAKIT_DATA", str(tmp_path / "data"))
+    out = tmp_path / "sft"
+    assert run_cli(["finetune", "--model", "smollm2", "--data", "chatterbot", "--quick", "--out", out,
+                    "--max-examples", "64", "--max-steps", "4", "--samples", "1", "--sample-tokens",
+                    "12", "--no-progress"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["format"] == "messages" and result["chat"] and result["steps"] == 4
+    assert result["history"][-1]["val_loss"] < result["val_loss_before"]
+    assert len(result["samples"]) == 1 and result["samples"][0]["after"]
+    capsys.readouterr()
+    assert run_cli(["generate", "--model", "smollm2", "--adapter", out / "adapter", "--prompt",
+                    "Are you sentient?", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip()
+
+    from lorakit.io import load_adapter
+    from lorakit.models import load
+    base, tok = load("smollm2", task="causal-lm")
+    batch = tok(["What is AI?", "Tell me a joke about computers."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = base(**batch).logits
+        ours = load_adapter(copy.deepcopy(base), out / "adapter")(**batch).logits
+        theirs = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()(**batch).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - plain).abs().max().item() > 1e-3          # the adapter changes the model
