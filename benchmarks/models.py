@@ -23,6 +23,7 @@ and zero_grad (the floor has no optimizer).
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -157,7 +158,6 @@ def build(model_name: str, config: str, precision: str, small: bool = False,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     if base == "compiled":
-        import time
         start = time.perf_counter()
         step()
         info["compile_s"] = time.perf_counter() - start

@@ -191,7 +191,8 @@ def run_scenario(name: str, args, work: Path, names: list[str]) -> dict:
         cmd = [sys.executable, str(HERE / "serve_peft_baseline.py"), "--model", args.model, "--name", "base",
                "--adapters", str(work / "lib8"), "--port", str(port),
                "--mode", "static" if name == "peft-static" else "per-request"]
-        models, requests = names[:8], args.baseline_requests
+        models = names[:8]
+        requests = args.baseline_requests if name == "peft-static" else args.peft_requests
     elif name == "base":
         cmd, models, requests = lorakit_cmd(args, port, work / "empty", 8), ["base"], args.requests
     elif name in ("mixed8", "fault"):
@@ -202,7 +203,8 @@ def run_scenario(name: str, args, work: Path, names: list[str]) -> dict:
     server = Server(cmd, port, log)
     startup = time.perf_counter() - t0
     try:
-        drive(port, models[:1], 1, 1, 4, 120)                    # warm-up: first load, first step
+        for model in models[:8]:            # warm-up: the first step, and the 8 adapters resident
+            drive(port, [model], 1, 1, 2, 120)
         if name == "fault":
             result = fault(server, port, models, args)
         else:
@@ -245,7 +247,9 @@ def table(results: list[dict], args) -> str:
     by = {r["scenario"]: r for r in results}
     lines = [f"Load test: {args.model}, {args.clients} concurrent clients, {args.max_tokens} new tokens "
              "greedy (ignore_eos), chat prompts; lorakit scenarios "
-             f"{args.requests} requests each, PEFT baselines {args.baseline_requests}.", "",
+             f"{args.requests} requests each, PEFT per request {args.peft_requests}, PEFT static "
+             f"batches {args.baseline_requests}; fault test {args.clients // 2} clients, "
+             f"{args.requests // 2} streamed requests of {args.max_tokens // 2} tokens.", "",
              "| scenario | adapters | requests | errors | tokens/s | p50 s | p99 s | server peak RSS MB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -271,14 +275,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=64, help="per lorakit scenario")
-    parser.add_argument("--baseline-requests", type=int, default=32, help="per PEFT baseline scenario")
+    parser.add_argument("--requests", type=int, default=32, help="per lorakit scenario")
+    parser.add_argument("--baseline-requests", type=int, default=32, help="PEFT static batches")
+    parser.add_argument("--peft-requests", type=int, default=8,
+                        help="PEFT per request (sequential: its throughput needs few requests)")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--time-limit", type=float, default=240, help="seconds of load per scenario")
+    parser.add_argument("--time-limit", type=float, default=200,
+                        help="seconds after which a scenario sends no new request")
     parser.add_argument("--scenarios", default="base,mixed8,lru32,peft,peft-static,fault")
     parser.add_argument("--work", type=Path, default=Path("runs/serve-bench"))
     parser.add_argument("--out", type=Path, default=HERE / "results" / "serve_load")
     args = parser.parse_args()
+    load_start, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M:%S")
     work = args.work
     (work / "empty").mkdir(parents=True, exist_ok=True)
     names = make_adapters(args.model, work / "lib32", 32)
@@ -289,7 +297,10 @@ def main():
     results = [run_scenario(s, args, work, names) for s in args.scenarios.split(",")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "clients": args.clients, "requests": args.requests,
-            "baseline_requests": args.baseline_requests, "max_tokens": args.max_tokens,
+            "baseline_requests": args.baseline_requests, "peft_requests": args.peft_requests,
+            "max_tokens": args.max_tokens, "time_limit_s": args.time_limit,
+            "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
+            "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "cpu_threads": torch.get_num_threads(), "results": results}
     Path(f"{args.out}.json").write_text(json.dumps(meta, indent=1))
     Path(f"{args.out}.md").write_text(table(results, args))

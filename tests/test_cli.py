@@ -133,7 +133,8 @@ def test_demo_runs_the_gw_comparison_into_runs_demo(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(lorakit.cli.demo, "run_compare", lambda *a, **k: calls.append((a, k)))
     assert main(["demo"]) == 0
-    assert calls == [(("gw", None, "runs/demo"), {"quick": False, "train_args": []})]
+    # time_pairs: the closing interleaved lora/full step timing (the report's cost ratio, issue 17)
+    assert calls == [(("gw", None, "runs/demo"), {"quick": False, "train_args": [], "time_pairs": 16})]
     assert "About 12 minutes" in capsys.readouterr().out       # the time is said up front
 
 

@@ -93,3 +93,8 @@ def test_compare_seeds_end_to_end(tmp_path):
     assert lo < lora["best"]["val_accuracy"] < hi
     assert (out / "runs" / "lora-r4-seed1" / "val_logits.safetensors").exists()
     assert " ± " in (out / "report.md").read_text()
+    # --report-only: seed 2 never ran, nothing is trained, the two finished seeds are kept
+    assert main(["compare", "--task", "mnist-lowrank", "--quick", "--methods", "lora-r4", "--seeds", "3",
+                 "--report-only", "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())["methods"]["lora-r4"]
+    assert again["stats"]["val_accuracy"]["values"] == values and not (out / "runs" / "lora-r4-seed2").exists()

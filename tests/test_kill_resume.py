@@ -29,7 +29,7 @@ STEPS, KILLS, SEED = 60, 3, 20240611
 
 def command(data: Path, out: Path, resume: bool) -> list[str]:
     return [sys.executable, "-m", "lorakit", "train", "--task", "mnist-lowrank", "--method", "lora-r4",
-            "--data-dir", str(data), "--max-steps", str(STEPS), "--batch-size", "32", "--lr", "0.05",
+            "--data-dir", str(data), "--max-steps", str(STEPS), "--batch-size", "32", "--lr", "0.02",
             "--eval-every", "20", "--checkpoint-every", "1", "--device", "cpu", "--no-progress",
             "--out", str(out)] + (["--resume"] if resume else [])
 

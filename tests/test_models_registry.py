@@ -32,7 +32,7 @@ def test_hub_alias_resolves_offline():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"name_or_path": "bert-base-uncased"}, "known name"),
+    ({"name_or_path": "bert-base-uncased"}, "built-in name"),
     ({"name_or_path": "minilm", "task": "generation"}, "classification"),
     ({"name_or_path": "minilm", "num_labels": 0}, "positive integer"),
 ])

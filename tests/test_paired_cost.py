@@ -37,7 +37,9 @@ class TinyTask:
 
 def test_paired_step_cost_interleaves_both_methods(monkeypatch):
     monkeypatch.setattr(paired, "get_task", lambda name: TinyTask())
-    result = paired.paired_step_cost("tiny", "lora", "full", pairs=4, warmup=1)
+    before = torch.get_num_threads()
+    result, threads = paired.paired_step_cost("tiny", "lora", "full", pairs=4, warmup=1, threads=1)
+    assert threads == 1 and torch.get_num_threads() == before       # restored afterwards
     assert result.pairs == 4 and result.a == "lora" and result.b == "full"
     assert all(t > 0 for t in result.times_a + result.times_b)
     assert result.low <= result.ratio <= result.high
@@ -89,7 +91,8 @@ def test_compare_records_load_and_adds_the_cost_section(tmp_path, monkeypatch):
     monkeypatch.setattr(paired, "get_task", lambda name: TinyTask())
     results = compare.run_compare("tiny", ["full", "lora"], tmp_path, quick=True, time_pairs=3)
     assert set(results["methods"]["lora"]["machine"]) == {"load", "cpu_share"}
-    assert results["paired_timing"]["pairs"] == 3
+    assert results["paired_timing"]["pairs"] == 3 and results["paired_timing"]["threads"] >= 1
     report = (tmp_path / "report.md").read_text()
     assert "## Cost: LoRA against full fine-tuning" in report and "interleaved" in report
+    assert "CPU thread" in report
     assert "(0.70x)" in report                 # the wall-time ratio of the (fake) separate runs

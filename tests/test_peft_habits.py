@@ -6,7 +6,6 @@ Each test names the PEFT habit it checks; every one failed on the code before th
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest

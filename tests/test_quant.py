@@ -276,6 +276,9 @@ def test_adapter_trained_on_nf4_loads_on_plain_base(tmp_path):
             assert torch.equal(p, trained[name]), name
     # on the plain base the adapter sees W instead of dequant(Wq): close, not equal
     assert (logits(plain) - logits(model)).abs().max() < 0.5
+    import peft
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter")).eval()
+    assert torch.allclose(logits(theirs), logits(plain), atol=1e-5)       # PEFT reads it the same
 
 
 def test_quantized_model_saves_and_reloads(tmp_path):

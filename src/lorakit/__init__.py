@@ -3,7 +3,7 @@
     h = W0 x + b + s * B A dropout(x),   s = alpha / r  (or alpha / sqrt(r) with rslora=True)
 """
 
-from lorakit import hf  # noqa: F401  (lorakit.hf.prepare_for_trainer; transformers is imported lazily)
+from lorakit import hf  # lorakit.hf.prepare_for_trainer; it imports transformers only when called
 from lorakit.adapters import (active_adapters, add_adapter, delete_adapter, disable_adapter,
                               end_compiled_switching, list_adapters, mixed_adapters,
                               prepare_compiled_switching, set_adapter, set_row_adapters,
@@ -21,7 +21,7 @@ from lorakit.quant import merge_and_unload, quantize_base
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "LoraError", "LoraPlan",
+    "LoraConfig", "LoraError", "LoraPlan", "hf",
     "apply_lora", "plan_lora", "merge_lora", "unmerge_lora", "merge_and_unload",
     "trainable_parameters", "print_trainable_parameters", "get_nb_trainable_parameters", "unload",
     "lora_layers",

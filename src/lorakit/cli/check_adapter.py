@@ -32,6 +32,8 @@ def run(args) -> int:
     print(f"  LoRA        r={report['r']} alpha={report['alpha']} targets={report['targets']}, "
           f"{report['parameters']:,} parameters in {report['tensors']} tensors")
     print(f"  parity      {report['parity']}")
-    print(f"  batching    {'mixed with other adapters in one batch' if report['mixed_batches'] else 'one adapter per request (classification)'}")
+    batching = "mixed with other adapters in one batch" if report["mixed_batches"] else \
+        "one adapter per request (classification)"
+    print(f"  batching    {batching}")
     print(f"  load+check  {report['load_seconds']} s")
     return 0

@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, help="run every method at seeds 0..N-1: tables show mean ± std, "
                                              "curves a band, results.json a 95%% interval")
     p.add_argument("--whisper", choices=("tiny.en", "base"), help="gw: the Whisper encoder (default tiny.en)")
+    p.add_argument("--report-only", action="store_true", help="rebuild results.json and report.md from the "
+                                                              "runs already finished in --out; train nothing")
     p.add_argument("--time-pairs", type=int, default=0,
                    help="after training, time N interleaved pairs of lora and full steps in one process: "
                         "their cost ratio with a 95%% interval in the report (demo: 16)")
@@ -34,7 +36,8 @@ def run(args) -> int:
     sizes = [parse_size(s) for s in split(args.sizes) or []]
     run_compare(args.task, split(args.methods), args.out, quick=args.quick,
                 train_args=passthrough(args), data_dir=args.data_dir, fresh=args.fresh,
-                sizes=sizes or None, seeds=args.seeds, time_pairs=args.time_pairs)
+                sizes=sizes or None, seeds=args.seeds, time_pairs=args.time_pairs,
+                report_only=args.report_only)
     return 0
 
 

@@ -91,6 +91,8 @@ def run(args) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("run", "verb", "config") and v is not None}
     cfg = resolve(flags, args.config)
     result = run_finetune(cfg)
+    if not result.get("is_main", True):
+        return 0
     history = result.get("history") or [{}]
     last = history[-1]
     shown = {k: round(v, 4) for k, v in last.items() if k.startswith("val_")}

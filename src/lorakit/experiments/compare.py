@@ -39,7 +39,7 @@ from lorakit.train.timing import load_average
 def run_compare(task_name: str, methods: list[str] | None, out: str | Path, quick: bool = False,
                 train_args: list[str] | None = None, data_dir: str | None = None,
                 fresh: bool = False, sizes: list[int] | None = None, seeds: int | None = None,
-                time_pairs: int = 0) -> dict:
+                time_pairs: int = 0, report_only: bool = False) -> dict:
     """``time_pairs``: when > 1 and both lora and full trained, time that many interleaved pairs of
     their optimizer steps in this process at the end (experiments/paired.py; the report's cost section)."""
     task = get_task(task_name)
@@ -64,6 +64,8 @@ def run_compare(task_name: str, methods: list[str] | None, out: str | Path, quic
         label = name if seed is None else f"{name}-seed{seed}"
         run_dir = out / "runs" / label
         done = run_dir / "result.json"
+        if report_only and not (done.exists() and json.loads(done.read_text()).get("quick") == quick):
+            continue                     # --report-only: what finished, nothing trained
         if done.exists() and not fresh and json.loads(done.read_text()).get("quick") == quick:
             print(f"[{i}/{len(jobs)}] {label}: reusing {done}", flush=True)
         else:
@@ -90,7 +92,7 @@ def run_compare(task_name: str, methods: list[str] | None, out: str | Path, quic
                                                  [s for s, _ in records[name]])
         elif name in records:
             results["methods"][name] = records[name][0][1]
-        else:
+        elif not report_only:
             results["methods"][name] = {"error": "; ".join(failed.get(name, [])) + "; see above"}
         if name in records and name in failed:          # the mean is over the seeds that finished
             results["methods"][name]["failed_runs"] = failed[name]
@@ -102,8 +104,9 @@ def run_compare(task_name: str, methods: list[str] | None, out: str | Path, quic
         print(f"timing {time_pairs} interleaved pairs of lora and full steps in one process", flush=True)
         device = (train_args or [])[(train_args or []).index("--device") + 1] \
             if "--device" in (train_args or []) else "auto"
-        results["paired_timing"] = paired_step_cost(task_name, "lora", "full", pairs=time_pairs,
-                                                    quick=quick, data_dir=data_dir, device=device).to_dict()
+        paired, threads = paired_step_cost(task_name, "lora", "full", pairs=time_pairs, quick=quick,
+                                           data_dir=data_dir, device=device)
+        results["paired_timing"] = {**paired.to_dict(), "threads": threads}
     sections = (sections or []) + cost_section(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plots = [("validation metric vs training time",

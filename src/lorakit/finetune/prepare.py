@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def check_out_dir(cfg: FinetuneConfig) -> None:
 
 
 def prepare(cfg: FinetuneConfig) -> Prepared:
-    check_out_dir(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:     # torchrun: rank 0 writes DIR, so it alone checks it
+        check_out_dir(cfg)
     records = read_records(cfg.data, "--data")
     if cfg.val_data:
         train_records, val_records = records, read_records(cfg.val_data, "--val-data")

@@ -60,7 +60,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     dist.close()
     timing["training"] = result["train_time_s"]
     timing["evaluation + checkpoints"] = _lap(clock) - result["train_time_s"]
-    if not dist.is_main:
+    result["is_main"] = dist.is_main
+    if not dist.is_main:              # under torchrun rank 0 alone saves, answers and reports
         return result
     adapter = save_finetuned(p, out / "adapter", cfg.model)
     timing["saving"] = _lap(clock)

@@ -141,13 +141,16 @@ def compare(record: dict, adapted: torch.Tensor | None, base: torch.Tensor | Non
                            f"the probe output has shape {got} here but {record['shape']} when the "
                            "adapter was saved: it was trained on another model or head")
     error = float((adapted[:, columns] - want).abs().max())
-    tolerance = TOLERANCE.get(record.get("dtype"), LOW_PRECISION_TOLERANCE) * max(1.0, float(want.abs().max()))
+    scale = max(1.0, float(want.abs().max()))
+    tolerance = TOLERANCE.get(record.get("dtype"), LOW_PRECISION_TOLERANCE) * scale
     base_error = None
     if base is not None and not head_adapter and list(base.shape) == record["shape"]:
-        base_error = float((base[:, columns] - torch.tensor(record["base"], dtype=torch.float64)).abs().max())
+        saved_base = torch.tensor(record["base"], dtype=torch.float64)
+        base_error = float((base[:, columns] - saved_base).abs().max())
     if error <= tolerance:
         return ParityCheck(True, error, tolerance, base_error,
-                           f"serves as it trained: probe outputs within {error:.2e} (tolerance {tolerance:.1e})")
+                           f"serves as it trained: probe outputs within {error:.2e} "
+                           f"(tolerance {tolerance:.1e})")
     if base_error is not None and base_error > tolerance:
         why = (f"the bare base model differs too (by {base_error:.3g}): the adapter was trained on "
                "another base, or the same base quantized differently; serve it on the base it was "

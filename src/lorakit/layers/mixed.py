@@ -6,7 +6,8 @@ gathers its own slot, and two batched matmuls apply them:
 
     A_stack: (n + 1, r_max, in)      B_stack: (n + 1, r_max, out) = (s B)^T, zero padded
     idx:     (b,)  slot of each row (0 = base)
-    gathered: x: (b, t, in) -> h = bmm(x, A_stack[idx]^T): (b, t, r_max) -> y = bmm(h, B_stack[idx]): (b, t, out)
+    gathered: x: (b, t, in) -> h = bmm(x, A_stack[idx]^T): (b, t, r_max)
+              -> y = bmm(h, B_stack[idx]): (b, t, out)
     dense:    h = x A_cat^T: (b, t, n r_max), A_cat = A_stack[1:] as (n r_max, in); keep each row's own
               r_max columns (mask M[i, j] = 1 iff column j belongs to slot idx_i); y = (h * M) B_cat,
               B_cat = B_stack[1:] as (n r_max, out)

@@ -36,7 +36,7 @@ class MethodIO:
 
     apply: the method's ``apply_X(model, spec)``; base_shapes: {base weight name: shape} the method's
     tensors are sized from, measured when it was applied; merge: None when the method cannot be
-    folded into the weights (train/run.py then checks only the reload)."""
+    folded into the weights (experiments/run.py then checks only the reload)."""
 
     method: str
     spec: AdaptSpec

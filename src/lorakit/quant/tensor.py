@@ -32,9 +32,9 @@ _SAME = (aten.detach.default, aten.alias.default)
 
 
 class QuantizedWeight(torch.Tensor):
-    """A 2-D weight (out, in) held as ``data`` tensors of one ``scheme`` (see ``formats.py``).
+    """A 2-D weight (out, in) held as the ``qdata`` tensors of one ``scheme`` (see ``formats.py``).
 
-    data:   dict name -> plain tensor (codes, scales, ...), the only memory it holds
+    qdata:  dict name -> plain tensor (codes, scales, ...), the only memory it holds
     scheme: "nf4" | "int8";  meta: JSON-able settings (block_size, scaler_block, ...)
     """
 

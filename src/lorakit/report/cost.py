@@ -48,11 +48,17 @@ def cost_section(results: dict, a: str = "lora", b: str = "full", bound: float =
         lines.append(f"- Same machine state, interleaved: a {a} step costs {paired['ratio']:.2f}x a {b} "
                      f"step (95% interval {paired['low']:.2f}-{paired['high']:.2f}, median of "
                      f"{paired['pairs']} alternating pairs: {a} {_ms(paired['times_a'])}, {b} "
-                     f"{_ms(paired['times_b'])} per step); the interval is {met} {bound:.2f}x. The "
+                     f"{_ms(paired['times_b'])} per step{_threads(paired)}); the interval is {met} "
+                     f"{bound:.2f}x. The "
                      f"arithmetic floor is about 0.67x: LoRA skips the frozen weights' gradients "
                      f"(one of a full step's three matrix products per layer).")
     lines += [f"- {w}" for w in load_warnings(results)]
     return (["## Cost: LoRA against full fine-tuning", ""] + lines + [""]) if lines else []
+
+
+def _threads(paired: dict) -> str:
+    n = paired.get("threads")
+    return "" if n is None else f", {n} CPU thread{'s' if n != 1 else ''}"
 
 
 def _ms(times: list[float]) -> str:

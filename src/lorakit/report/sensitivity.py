@@ -89,7 +89,8 @@ def section(summary: dict, reference: str | None = "matched-filter") -> list[str
     lines = ["## Sensitivity by injected SNR", "",
              f"Detection efficiency at {100 * FAP:g}% false-alarm probability (threshold: the top "
              f"{100 * FAP:g}% of noise-only validation samples of each run), by injected network SNR; "
-             + (f"mean ± std over {seeds} seeds" if seeds > 1 else "± binomial standard error")
+             + (f"mean ± std over {seeds} seeds (± binomial standard error for a method run once)"
+                if seeds > 1 else "± binomial standard error")
              + ". n = signals per bin: " + ", ".join(f"{h}: {b['n']}" for h, b in zip(heads, first["bins"]))
              + ".", "", "| method | " + " | ".join(f"SNR {h}" for h in heads) + " | rho50 |",
              "|---|" + "---:|" * (len(heads) + 1)]
