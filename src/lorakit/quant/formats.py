@@ -154,9 +154,9 @@ def nf4_block_scales(data: dict, meta: dict) -> torch.Tensor:
 
 def nf4_dequantize(data: dict, meta: dict, shape: tuple) -> torch.Tensor:
     codes = data["codes"]
-    values = F.embedding(codes.int(), _pair_table(codes.device))         # (numel / 2, 2)
+    values = F.embedding(codes.int(), _pair_table(codes.device))         # (numel / 2, 2), fresh
     scales = nf4_block_scales(data, meta)
-    return (values.view(scales.numel(), -1) * scales.unsqueeze(1)).view(shape)
+    return values.view(scales.numel(), -1).mul_(scales.unsqueeze(1)).view(shape)
 
 
 def int8_fits(shape, **_) -> str | None:
