@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -158,7 +159,8 @@ def child(args) -> dict:
               "rss_peak": peak.peak, "rss_interpreter": rss_base,
               "val_loss_before": loss0, "val_loss_after": val_loss(model, val),
               "train_losses": losses, "step_s_median": statistics.median(times[1:] or times),
-              "tokens_per_step": int(train[0]["attention_mask"].numel())}
+              "tokens_per_step": int(train[0]["attention_mask"].numel()),
+              "load_average_after": os.getloadavg()[0]}
     if args.mode == "nf4":
         result.update(dequant_cost(model))
         if args.merges:
@@ -227,7 +229,10 @@ def table(bf16: dict, nf4: dict) -> str:
               f"{nf4['dequant_all_once_s']:.2f} s; a step does it 3 times (forward, recomputed forward "
               f"under checkpointing, backward for dx) = {nf4['dequant_per_step_s']:.2f} s.",
               f"Validation loss before training: bf16 {bf16['val_loss_before']:.4f}, nf4 "
-              f"{nf4['val_loss_before']:.4f}. Kept unquantized: {', '.join(nf4['kept']) or 'none'}."]
+              f"{nf4['val_loss_before']:.4f}. Kept unquantized: {', '.join(nf4['kept']) or 'none'}.",
+              f"Load average (1 min) at the end of each run: bf16 {bf16['load_average_after']:.1f}, nf4 "
+              f"{nf4['load_average_after']:.1f} on {os.cpu_count()} cores (above that, step times are "
+              "inflated by other processes)."]
     if "merge_exact_max_logit_diff" in nf4:
         lines += [f"Merges, fp32 (max |logit diff| vs the unmerged QLoRA model; logits reach "
               f"{nf4['logit_scale']:.1f}): default 16/32-bit merge {nf4['merge_exact_max_logit_diff']:.3g}; "

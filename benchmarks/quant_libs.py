@@ -21,6 +21,7 @@ Run: ``flock /tmp/lorakit-cpu.lock .venv/bin/python benchmarks/quant_libs.py``; 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -199,10 +200,12 @@ def dense(weights: dict) -> dict:
 def main() -> None:
     torch.manual_seed(0)
     weights = smollm2_weights()
-    result = {"threads": torch.get_num_threads(), "rows": ROWS, "dense": dense(weights)}
+    result = {"threads": torch.get_num_threads(), "rows": ROWS, "load_average_before": os.getloadavg(),
+              "dense": dense(weights)}
     libs = (TorchaoNF4(), BnbNF4(), LorakitNF4())
     for lib in libs:
         result[lib.name] = measure(lib, weights)
+    result["load_average_after"] = os.getloadavg()
     OUT.mkdir(exist_ok=True)
     (OUT / "quant_libs.json").write_text(json.dumps(result, indent=2))
     lines = ["| library | matrix | rel. error | max err / block absmax | bits/param |",
@@ -224,6 +227,9 @@ def main() -> None:
                          " | ".join(f"{r['fwd_bwd_ms_' + k]:.2f}" for r in rs) + " | " +
                          " | ".join(f"{r['saved_bytes_per_weight_' + k]:.2f}" for r in rs) + " | " +
                          " | ".join(f"{r['dequant_ms_' + k]:.2f}" for r in rs) + " |")
+    lines += ["", f"Load average (1 min) before / after: {result['load_average_before'][0]:.1f} / "
+              f"{result['load_average_after'][0]:.1f} on {os.cpu_count()} cores: timings above that "
+              "count are inflated by other processes; compare columns within one run."]
     ta, bb, lk = (result[lib.name]["L10.up_proj"] for lib in libs)
     k = "L10.up_proj.bfloat16"
     lines += ["", "Choice: torchao's NF4 format, in lorakit's own tensor subclass. Both libraries store "

@@ -21,7 +21,7 @@ LAYERS = [
     ["io"],
     ["tools", "hf"],     # hf: the transformers Trainer / TRL integration (reads and writes adapters)
     ["methods", "quant", "models"],
-    ["train", "generate"],
+    ["train", "generate", "plotting"],   # plotting: matplotlib on first use, one way to save a figure
     ["tasks"],
     ["report"],
     ["experiments", "finetune"],

@@ -15,8 +15,9 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LoraError
-from lorakit.inject import (activate, apply_lora, lora_layers, merge_lora, refresh_trainable,
-                            remove_unused_wrappers, saved_module_wrappers, unmerge_lora)
+from lorakit.inject import (activate, apply_lora, drop_head_copies, lora_layers, merge_lora,
+                            refresh_trainable, remove_unused_wrappers, saved_module_wrappers,
+                            unmerge_lora)
 from lorakit.layers.slot import SwitchSlot, slot_refusal
 from lorakit.state import check_adapter, has_lora, lora_state
 
@@ -118,11 +119,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     for _, layer in lora_layers(model):
         if name in layer.lora:
             layer.delete_adapter(name)
-    for _, wrapper in saved_module_wrappers(model):
-        if name in wrapper.modules_to_save:
-            del wrapper.modules_to_save[name]
-            if wrapper.active == name:
-                wrapper.active = None
+    drop_head_copies(model, name)
     del state.configs[name]
     state.trainable.pop(name, None)
     still_active = [n for n in state.active if n != name]

@@ -123,6 +123,15 @@ def requires_grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     return [(p, p.requires_grad) for p in model.parameters()]
 
 
+def drop_head_copies(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``'s modules_to_save copies; a wrapper using one falls back to the original."""
+    for _, wrapper in saved_module_wrappers(model):
+        if name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[name]
+        if wrapper.active == name:
+            wrapper.active = None
+
+
 def take_back(model: nn.Module, name: str, flags: list[tuple[nn.Parameter, bool]]) -> None:
     """Undo a half-done ``apply_lora`` / ``load_adapter`` of adapter ``name``: its deltas and head copies
     go, wrappers it created go, bookkeeping and requires_grad flags are as recorded in ``flags``."""
@@ -130,11 +139,7 @@ def take_back(model: nn.Module, name: str, flags: list[tuple[nn.Parameter, bool]
         if name in layer.lora:
             del layer.lora[name]
         layer.set_active(layer.active_adapters)
-    for _, wrapper in saved_module_wrappers(model):
-        if name in wrapper.modules_to_save:
-            del wrapper.modules_to_save[name]
-        if wrapper.active == name:
-            wrapper.active = None
+    drop_head_copies(model, name)
     state = model.__dict__.get("_lorakit")
     if state is not None:
         state.configs.pop(name, None)

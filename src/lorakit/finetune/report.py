@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorakit.plotting import pyplot, save_figure
+
 
 def loss_plot(history: list[dict], before: float | None, path: Path, train_losses: list[float],
               accum: int = 1) -> Path | None:
     """Training loss of every step (mean of its micro-batches) and validation loss, against step."""
     if not history:
         return None
-    import matplotlib  # deferred: heavy optional dependency
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: heavy optional dependency
+    plt = pyplot()
     steps = [r["step"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     per_step = [sum(train_losses[i:i + accum]) / accum for i in range(0, len(train_losses) - accum + 1,
@@ -34,9 +34,7 @@ def loss_plot(history: list[dict], before: float | None, path: Path, train_losse
     ax.set_ylabel("loss (cross-entropy)")
     ax.legend(loc="upper center")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 

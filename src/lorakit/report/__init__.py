@@ -1,3 +1,3 @@
 """Reports and figures of the application: ``lorakit compare`` (markdown.py: report.md; plots.py:
 the PNGs), ``lorakit analyze`` (analysis.py) and ``lorakit lorahub`` (lorahub.py). matplotlib loads on
-the first figure (plots.pyplot)."""
+the first figure (lorakit.plotting.pyplot)."""

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from lorakit.errors import LoraError
-from lorakit.report.plots import pyplot
+from lorakit.plotting import pyplot, save_figure
 
 MAX_HEATMAPS = 4
 
@@ -46,9 +46,7 @@ def plot_spectra(result: dict, path: Path) -> Path:
                 ax.semilogy(range(1, len(sigma) + 1), [s / sigma[0] for s in sigma], alpha=0.6)
         ax.set_title(f"{kind}: sigma_i / sigma_1 of dW")
         ax.set_xlabel("i")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -96,7 +94,5 @@ def plot_amplification(result: dict, path: Path) -> Path:
     ax.set_ylabel("||U^T W V||_F")
     ax.set_title("Table 7: W projected on r directions")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.report.plots import pyplot
+from lorakit.plotting import pyplot, save_figure
 
 
 def report_md(results: dict) -> str:
@@ -45,6 +45,4 @@ def plot(results: dict, path: Path) -> None:
     right.axhline(0, color="black", linewidth=0.5)
     right.set_ylabel("LoraHub weight")
     right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -7,14 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, imported on first use (``lorakit --help`` and
-    library users never pay for it)."""
-    import matplotlib                  # deferred: heavy optional dependency
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt    # deferred: heavy optional dependency
-    return plt
+from lorakit.plotting import pyplot, save_figure
 
 
 LABELS = {"val_auc": "validation AUC", "val_accuracy": "validation accuracy",
@@ -40,9 +33,7 @@ def curves_vs_time(results: dict, key: str, path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(results["methods"]) > 6 else 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -65,9 +56,7 @@ def cost_bars(results: dict, path: Path) -> Path:
     axes[2].set_title("training time (s)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=45, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -89,7 +78,5 @@ def metric_vs_params(results: dict, metric: str, path: Path) -> Path:
     ax.set_title(f"{results['task']}: {LABELS.get(metric, metric)} vs trainable parameters")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2 if len(lines) > 6 else 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

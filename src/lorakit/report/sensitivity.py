@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lorakit.report.plots import pyplot
+from lorakit.plotting import pyplot, save_figure
 
 BINS = tuple(range(4, 17, 2))           # edges 4, 6, ..., 16 (the simulation draws SNR U(4, 16))
 FAP = 0.01
@@ -139,7 +139,5 @@ def plot(summary: dict, path):
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

@@ -6,13 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, imported on first use."""
-    import matplotlib                  # deferred: heavy optional dependency
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt    # deferred: heavy optional dependency
-    return plt
+from lorakit.plotting import pyplot, save_figure
 
 
 def _epochs(run: dict) -> tuple[list[int], list[float]]:
@@ -26,7 +20,7 @@ def _rank(method: str) -> int:
 
 
 def accuracy_per_epoch(results: dict, kinds: tuple[str, ...], path: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     runs = {m: r for m, r in results["methods"].items() if "error" not in r}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"lora": "-", "ae": "--"}
@@ -45,14 +39,12 @@ def accuracy_per_epoch(results: dict, kinds: tuple[str, ...], path: Path, title:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
 def accuracy_vs_rank(results: dict, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     runs = {m: r for m, r in results["methods"].items() if "error" not in r}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, marker in (("lora", "o"), ("ae", "s")):
@@ -68,9 +60,7 @@ def accuracy_vs_rank(results: dict, path: Path) -> Path:
     ax.set_title("mnist-lowrank: accuracy after training vs rank")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
