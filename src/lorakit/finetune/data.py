@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from lorakit.errors import LoraError
+from lorakit.io.files import json_lines
 from lorakit.tasks.shipped_data import BUILTIN_DATA, builtin_data_file
 
 READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -52,21 +53,8 @@ def read_records(path: str, flag: str = "--data") -> list[dict]:
 
 
 def _check_json_lines(file: Path) -> None:
-    seen = 0
-    with open(file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LoraError(f"{file}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
-                                "a .jsonl file holds one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise LoraError(f"{file}:{number}: a JSON {type(record).__name__}, not an object; "
-                                'each line must be one record like {"prompt": ..., "completion": ...}')
-            seen += 1
-    if not seen:
+    example = '{"prompt": ..., "completion": ...}'
+    if not sum(1 for _ in json_lines(file, example)):     # reads every line: each is checked
         raise LoraError(f"--data {file} holds no records (the file is empty); add examples")
 
 

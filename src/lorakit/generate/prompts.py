@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from lorakit.errors import LoraError
+from lorakit.io.files import json_lines
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -79,17 +80,10 @@ def read_prompts(path: str | Path) -> list[dict]:
         raise LoraError(f"--prompts {path}: no such file; pass a JSON Lines file with one "
                         '{"prompt": "..."} or {"messages": [...]} per line')
     records = []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LoraError(f"{path}:{number}: not JSON ({err.msg}); each line must be one JSON "
-                            "object") from None
-        if not isinstance(record, dict) or not ({"prompt", "messages"} & set(record)):
+    for number, record in json_lines(file, '{"prompt": "..."}'):
+        if not {"prompt", "messages"} & set(record):
             raise LoraError(f"{path}:{number}: needs a `prompt` or `messages` field, found "
-                            f"{sorted(record) if isinstance(record, dict) else type(record).__name__}")
+                            f"{sorted(record)}")
         records.append(record)
     if not records:
         raise LoraError(f"--prompts {path} holds no prompts")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from safetensors import SafetensorError, safe_open
 
@@ -128,3 +129,21 @@ def pickle_refusal(path: Path) -> str:
             f"it, convert it once: python -c \"import torch; from safetensors.torch import save_file; "
             f"save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\" "
             f"and name the result {WEIGHTS_NAME}")
+
+
+def json_lines(path: str | os.PathLike, example: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON Lines file; a line that is not JSON,
+    or not a JSON object, is refused naming ``file:line`` (``example`` shows what a line should hold)."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LoraError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
+                                f"a .jsonl file holds one JSON object per line, like {example}") from None
+            if not isinstance(record, dict):
+                raise LoraError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; "
+                                f"each line must be one record like {example}")
+            yield number, record
