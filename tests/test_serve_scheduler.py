@@ -343,3 +343,35 @@ def test_a_request_for_a_busy_adapter_slot_is_not_starved(library):
             t.join(WAIT_S)
         server.scheduler.stop()
     assert served[0] > 6                                   # the busy adapter kept being served too
+
+
+def test_cached_row_stacks_follow_in_place_changes_and_replaced_adapters():
+    """Serving reuses each layer's stacked factors between steps; a factor edited in place, or an
+    adapter deleted and added again under the same name, must be seen at the next forward."""
+    model = tiny_llama(vocab=64, seed=6)
+    cfg = lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    lorakit.apply_lora(model, cfg, adapter_name="a")
+    lorakit.add_adapter(model, "b", cfg)
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0]])
+
+    def mixed():
+        with torch.no_grad(), lorakit.mixed_adapters(model, ["a", "b"]):
+            return model(ids).logits
+
+    first = mixed()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora.b.B" in n:
+                p.add_(0.5)
+    second = mixed()
+    assert torch.equal(first[0], second[0]) and not torch.allclose(first[1], second[1])
+    lorakit.set_adapter(model, "b")
+    with torch.no_grad():
+        alone = model(ids[1:]).logits
+    torch.testing.assert_close(second[1], alone[0], atol=1e-5, rtol=1e-5)
+    lorakit.delete_adapter(model, "b")
+    lorakit.add_adapter(model, "b", cfg)
+    third = mixed()                                       # fresh "b": B = 0, the base again
+    with torch.no_grad(), lorakit.disable_adapter(model):
+        base = model(ids[1:]).logits
+    torch.testing.assert_close(third[1], base[0], atol=1e-5, rtol=1e-5)

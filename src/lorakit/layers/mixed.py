@@ -53,18 +53,26 @@ def stack_factors(lora, names: tuple, in_features: int, out_features: int, devic
 
 def cached_stacks(layer, names: tuple, device):
     """``stack_factors`` for ``layer``, rebuilt only when a factor changed (inference only: with
-    autograd on, fresh stacks keep the graph to A and B). The key holds each factor's identity and
-    in-place version counter, so loading, training or replacing an adapter invalidates it."""
+    autograd on, fresh stacks keep the graph to A and B). The cache remembers each name's delta object,
+    its scale, and each factor tensor with its in-place version counter, so loading, training or
+    replacing an adapter invalidates it. The check reads plain dicts (``_modules``, ``_parameters``),
+    not ``nn.Module.__getattr__``: it runs on every layer of every decoding step."""
     if torch.is_grad_enabled():
         return stack_factors(layer.lora, names, layer.in_features, layer.out_features, device)
-    deltas = [layer.lora[n] if n in layer.lora else None for n in names]
-    key = (names, str(device), tuple(None if d is None else (id(d.A), d.A._version, id(d.B),
-                                                             d.B._version, d.scale) for d in deltas))
+    modules = layer.lora._modules
     cached = layer.__dict__.get("_row_stacks")
-    if cached is None or cached[0] != key:
-        cached = (key, stack_factors(layer.lora, names, layer.in_features, layer.out_features, device))
-        layer.__dict__["_row_stacks"] = cached
-    return cached[1]
+    if cached is not None and cached[0] == names and cached[1] == device \
+            and all(modules.get(n) is d for n, d in zip(names, cached[2])) \
+            and all(d is None or d.scale == sc for d, sc in zip(cached[2], cached[3])) \
+            and all(t._version == v for t, v in cached[4]):
+        return cached[5]
+    deltas = [modules.get(n) for n in names]
+    tensors = [t for d in deltas if d is not None for t in (d._parameters["A"], d._parameters["B"])]
+    stacks = stack_factors(layer.lora, names, layer.in_features, layer.out_features, device)
+    scales = [None if d is None else d.scale for d in deltas]
+    layer.__dict__["_row_stacks"] = (names, device, deltas, scales, [(t, t._version) for t in tensors],
+                                     stacks)
+    return stacks
 
 
 def mixed_lora_delta(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
