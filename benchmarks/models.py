@@ -161,7 +161,24 @@ def build(model_name: str, config: str, precision: str, small: bool = False,
         start = time.perf_counter()
         step()
         info["compile_s"] = time.perf_counter() - start
+    if base == "lorakit":
+        info["fused_share"] = fused_share(model, step)
     return step, info
+
+
+def fused_share(model: nn.Module, step: Callable[[], None]) -> float:
+    """The share of LoRA layer calls in one step that took the fused path by default (1.0: all fused,
+    0.0: the default is the eager reference itself at this shape and precision)."""
+    from lorakit.layers import LoraLinear
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append(mod.takes_fused_path(args[0])))
+             for m in model.modules() if isinstance(m, LoraLinear)]
+    try:
+        step()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(calls) / max(len(calls), 1)
 
 
 def flops_per_step(step: Callable[[], None]) -> int:

@@ -111,6 +111,35 @@ def test_merge_round_trip(tmp_path, capsys, classifier_adapter):
     assert (expected - expected.mean()).abs().max() > 1e-3      # the check compares something
 
 
+def test_merge_of_a_qlora_adapter_is_the_model_it_trained_against(tmp_path, capsys):
+    """An adapter trained on an NF4 base merges onto the base quantized the same way (exact), not
+    onto W0; --full-precision-base merges onto W0 and gives a (slightly) different model."""
+    from lorakit.models import load
+
+    torch.manual_seed(1)
+    model, tokenizer = load("minilm", task="classification", num_labels=2)
+    cfg = lorakit.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    lorakit.apply_lora(model, cfg)
+    lorakit.quantize_base(model, "nf4")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    adapter = lorakit.save_adapter(model, tmp_path / "adapter")
+    batch = dict(tokenizer(["a fine film", "dull and far too long"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits
+    outs = {}
+    for flag in ([], ["--full-precision-base"]):
+        out = tmp_path / f"merged{len(flag)}"
+        assert main(["merge", "--base", "minilm", "--adapter", str(adapter), "--out", str(out)] + flag) == 0
+        merged, _ = load(out, task="classification", num_labels=2)
+        with torch.no_grad():
+            outs[bool(flag)] = (merged(**batch).logits - expected).abs().max().item()
+    assert "trained on a quantized base (nf4)" in capsys.readouterr().out
+    assert outs[False] < 1e-4 < outs[True]
+
+
 def test_merge_refuses_to_overwrite_the_base(capsys, classifier_adapter):
     from lorakit.models import resolve
 

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+import lorakit
 from lorakit.cli import main
+from lorakit.io.fingerprint import FINGERPRINT_KEY
 
 pytestmark = pytest.mark.slow
 METRIC = {"gw": "val_auc", "text-cls": "val_accuracy", "mnist-lowrank": "val_accuracy"}
@@ -47,6 +49,8 @@ def test_text_cls(tmp_path):
     out, runs = compare(tmp_path, "text-cls", ["frozen", "lora"], "--max-steps", "20")
     assert runs["lora"]["trainable_params"] == 73_728 + 770     # q, v at r=8 + the 2-way head
     check_lora(out, runs["lora"], "val_auc", 0.6)
+    _, _, meta = lorakit.read_adapter(out / "runs" / "lora" / "adapter")
+    assert FINGERPRINT_KEY in meta            # lorakit serve / check-adapter can check serve parity
 
 
 def test_mnist_lowrank(tmp_path):

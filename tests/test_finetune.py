@@ -242,7 +242,7 @@ def test_grad_checkpoint_gives_the_same_loss_and_adapter_gradients():
         torch.testing.assert_close(grad, results[1][1][name], atol=1e-6, rtol=1e-5)
 
 
-def test_quantized_base_trains_lora_on_top(tmp_path):
+def test_quantized_base_trains_lora_on_top(tmp_path, capsys):
     model = tiny_llama_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "qa.jsonl", qa_records(24))
     out = tmp_path / "q"
@@ -252,3 +252,7 @@ def test_quantized_base_trains_lora_on_top(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["history"][-1]["val_loss"] < result["val_loss_before"]
     assert json.loads((out / "config.json").read_text())["quantize"] == "int8"
+    capsys.readouterr()
+    assert run_cli(["generate", "--model", model, "--adapter", out / "adapter", "--prompt", "hi",
+                    "--max-new-tokens", "3", "--no-chat"]) == 0       # on the base quantized as recorded
+    assert "trained on a quantized base (int8)" in capsys.readouterr().err

@@ -41,3 +41,36 @@ def test_smollm2_chatterbot_quick_finetune_generate_and_peft_parity(tmp_path, mo
         theirs = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()(**batch).logits
     assert (ours - theirs).abs().max().item() < 1e-4
     assert (ours - plain).abs().max().item() > 1e-3          # the adapter changes the model
+
+
+@pytest.mark.slow
+def test_smollm2_qlora_finetune_generate_and_peft_loading(tmp_path, monkeypatch, capsys):
+    """QLoRA from the command line: finetune on the NF4-quantized SmolLM2, generate with the adapter
+    (on the base quantized as in training), and the adapter loads in PEFT on the 16/32-bit base with
+    the same logits as lorakit's load there."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("chatterbot_corpus")
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("LORAKIT_DATA", str(tmp_path / "data"))
+    out = tmp_path / "qlora"
+    assert run_cli(["finetune", "--model", "smollm2", "--data", "chatterbot", "--quick", "--out", out,
+                    "--quantize", "nf4", "--max-examples", "48", "--max-steps", "3", "--samples", "1",
+                    "--sample-tokens", "8", "--no-progress"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["history"][-1]["val_loss"] < result["val_loss_before"]
+    from lorakit.io import load_adapter, read_adapter
+    record = read_adapter(out / "adapter")[2]["quantized_base"]
+    assert record["scheme"] == "nf4" and record["quantized_modules"] == 30 * 7
+    capsys.readouterr()
+    assert run_cli(["generate", "--model", "smollm2", "--adapter", out / "adapter", "--prompt",
+                    "Are you sentient?", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() and "trained on a quantized base (nf4)" in printed.err
+
+    from lorakit.models import load
+    base, tok = load("smollm2", task="causal-lm")
+    batch = tok(["What is AI?"], return_tensors="pt")
+    with torch.no_grad():
+        ours = load_adapter(copy.deepcopy(base), out / "adapter")(**batch).logits
+        theirs = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()(**batch).logits
+    assert (ours - theirs).abs().max().item() < 1e-4

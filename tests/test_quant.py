@@ -18,16 +18,16 @@ from torch import nn
 import lorakit
 from lorakit.layers import is_quantized
 from lorakit.quant import (NF4_HALF_GAP, QuantizedWeight, check_frozen, dequantize_base,
-                           load_quantized, plan_quantize, quantize_weight, save_quantized,
-                           weight_memory)
+                           load_quantized, plan_quantize, quantize_as_recorded, quantize_weight,
+                           save_quantized, weight_memory)
 from lorakit.quant.formats import nf4_block_scales
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama(seed: int = 0, tie: bool = False):
+def tiny_llama(seed: int = 0, tie: bool = False, hidden: int = 64):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=64,
                                       tie_word_embeddings=tie)
@@ -292,6 +292,116 @@ def test_quantized_model_saves_and_reloads(tmp_path):
         if is_quantized(a):
             assert all(torch.equal(a.qdata[k], b.qdata[k]) for k in a.qdata)
     assert fresh.__dict__["_lorakit_quant"]["scheme"] == "nf4"
+
+
+# --- embeddings (quantize_base(..., embeddings=True)) -----------------------------------------------
+EMBED_SCHEMES = [("nf4", {"double_quant": True}), ("nf4", {"double_quant": False}), ("int8", {})]
+
+
+@pytest.mark.parametrize("scheme,settings", EMBED_SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_lookup_dequantizes_only_the_rows_it_reads(scheme, settings, dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(256, 128, generator=gen) / torch.rand(256, 128, generator=gen).clamp_min(0.05))
+    q = quantize_weight(w.to(dtype), scheme, **settings)
+    x = torch.randint(0, 256, (3, 7), generator=gen)
+    ref = torch.nn.functional.embedding(x, q.dequantize())
+    with monkeypatch.context() as m:             # no whole-table dequantization on the way
+        m.setattr(QuantizedWeight, "dequantize", lambda *a, **k: pytest.fail("dequantized all"))
+        table = nn.Embedding(256, 128, padding_idx=0)
+        table.weight = nn.Parameter(q, requires_grad=False)
+        out = table(x)
+    assert out.dtype == dtype and out.shape == (3, 7, 128)
+    assert torch.equal(out, ref)                                   # the same bits
+    assert torch.equal(torch.nn.functional.embedding(x[0], q), ref[0])
+
+
+def test_embedding_lookup_rows_not_whole_blocks_and_max_norm():
+    q = quantize_weight(torch.randn(64, 96), "nf4")        # 96 values a row: 1.5 blocks of 64
+    x = torch.tensor([[5, 63, 0]])
+    assert torch.equal(torch.nn.functional.embedding(x, q), q.dequantize()[x])
+    with pytest.raises(lorakit.LoraError, match="max_norm"):
+        torch.nn.functional.embedding(x, q, max_norm=1.0)
+    with pytest.raises(IndexError):
+        torch.nn.functional.embedding(torch.tensor([64]), quantize_weight(torch.randn(64, 64), "nf4"))
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_tied_embeddings_quantized_once_shared_and_exact(scheme):
+    model = tiny_llama(tie=True)
+    plan = plan_quantize(model, scheme, embeddings=True)
+    rows = {r.name: r for r in plan.rows}
+    assert rows["model.embed_tokens"].action == rows["lm_head"].action == "quantize"
+    assert "model.embed_tokens" in plan.table() and "tied to model.embed_tokens" in plan.table()
+    lorakit.quantize_base(model, scheme, embeddings=True)
+    embed = model.model.embed_tokens.weight
+    assert is_quantized(embed) and model.lm_head.weight is embed and not embed.requires_grad
+    assert model.__dict__["_lorakit_quant"]["embeddings"] is True
+    assert torch.allclose(logits(model), logits(dense_copy(model)), atol=1e-5)
+    out = logits(model)
+    lora(model, randomize=False)
+    assert torch.equal(logits(model), out)                     # LoRA's zero delta at init
+
+
+def test_tied_quantized_embeddings_train_lora_only():
+    model = lora(lorakit.quantize_base(tiny_llama(tie=True), "nf4", embeddings=True))
+    ref = dense_copy(model)
+    x = ids(b=3, t=16)
+    grads = []
+    for m in (model, ref):
+        m.train()
+        m(x, labels=x).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert len(grads[0]) == 4 * len(TARGETS) and all(g is not None and g.abs().sum() > 0
+                                                     for g in grads[0].values())
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-4 * g.abs().max()), name
+    assert model.model.embed_tokens.weight.grad is None
+
+
+def test_untied_head_and_embeddings_quantized_separately():
+    model = lorakit.quantize_base(tiny_llama(), "nf4", embeddings=True)
+    assert is_quantized(model.lm_head.weight) and is_quantized(model.model.embed_tokens.weight)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.allclose(logits(model), logits(dense_copy(model)), atol=1e-5)
+
+
+def test_embedding_weight_memory_shrinks_about_4x_from_bf16():
+    model = tiny_llama(tie=True).to(torch.bfloat16)
+    before = weight_memory(model)
+    lorakit.quantize_base(model, "nf4", embeddings=True)
+    after = weight_memory(model)
+    assert after["Embedding"]["params"] == before["Embedding"]["params"] == 128 * 64   # counted once
+    assert after["Embedding"]["bytes"] / before["Embedding"]["bytes"] == pytest.approx(4.127 / 16, abs=0.01)
+
+
+def test_embeddings_that_do_not_fit_are_kept_with_the_reason():
+    model = tiny_llama(tie=True, hidden=32)           # rows of 32 values: not whole blocks of 64
+    plan = plan_quantize(model, "nf4", embeddings=True)
+    kept = {r.name: r.reason for r in plan.kept}
+    assert "not whole blocks" in kept["model.embed_tokens"]
+    assert "tied to model.embed_tokens, which is kept" in kept["lm_head"]
+    lorakit.quantize_base(model, "nf4", embeddings=True)
+    assert not is_quantized(model.model.embed_tokens.weight)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert is_quantized(model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_quantized_embeddings_save_reload_and_reproduce_from_the_record(tmp_path):
+    model = lorakit.quantize_base(tiny_llama(tie=True), "nf4", embeddings=True)
+    save_quantized(model, tmp_path / "q")
+    fresh = load_quantized(tiny_llama(seed=5, tie=True), tmp_path / "q")
+    assert is_quantized(fresh.lm_head.weight) and fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(logits(fresh), logits(model))
+    record = json.loads(json.dumps(model.__dict__["_lorakit_quant"]))     # as an adapter stores it
+    again = quantize_as_recorded(tiny_llama(tie=True), record)
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    mine, theirs = dict(model.named_parameters()), dict(again.named_parameters())
+    assert {n for n, p in mine.items() if is_quantized(p)} == {n for n, p in theirs.items()
+                                                                if is_quantized(p)}
+    for name, p in mine.items():
+        if is_quantized(p):
+            assert all(torch.equal(p.qdata[k], theirs[name].qdata[k]) for k in p.qdata), name
 
 
 # --- bad input -----------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_eager_path_gives_the_same_products():
 
 
 def test_default_path_rule_picks_eager_only_for_few_rows_in_low_precision():
-    """layers/lora_function.py: under bf16 a training step with fewer than 256 rows goes eager by
+    """layers/lora_function.py: under bf16 a training step with fewer than 512 rows goes eager by
     default (measured slower fused); fp32, inference, dropout, and use_fused(True) stay fused."""
     from lorakit.layers.lora_function import FUSED_MIN_ROWS_LOW_PRECISION as ROWS
     model = _model()

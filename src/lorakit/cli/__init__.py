@@ -18,6 +18,7 @@ transformers and matplotlib load inside the verb that needs them, so ``lorakit -
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from lorakit import __version__
@@ -39,7 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Import-time warnings of optional libraries that say nothing about the user's run: torchao reports
+# every CUDA-only kernel library it cannot load on a CPU machine, and torch's pytree warns about
+# torchao's enum registration. Real errors (level ERROR) still show.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0

@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     lora.add_argument("--init", choices=("gaussian", "kaiming"), help="A's init (B = 0 either way)")
     lora.add_argument("--quantize", choices=("nf4", "int8"), help="store the frozen base weights "
                       "4-bit NF4 (QLoRA) or int8; LoRA trains on top")
+    lora.add_argument("--quantize-embeddings", action="store_true", default=None,
+                      help="with --quantize: also quantize the input embeddings and the output head "
+                           "(kept 16/32-bit by default, as QLoRA does)")
     tr = p.add_argument_group("training")
     tr.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
     tr.add_argument("--schedule", choices=("cosine", "linear", "constant"))

@@ -1,5 +1,5 @@
 """``lorakit inspect MODEL [--targets query,value | --regex RE] [--r 8] [--alpha 16] [--rslora]
-[--quantize nf4|int8]``.
+[--quantize nf4|int8 [--quantize-embeddings]]``.
 
 What LoRA would adapt in a model: the adaptable modules, the plan (shapes, parameters), and the
 adapter's size on disk, measured by saving it to a temporary folder. Changes nothing on disk.
@@ -17,7 +17,7 @@ from lorakit.inject import apply_lora
 from lorakit.io import folder_bytes, save_adapter
 from lorakit.models import load
 from lorakit.plan import plan_lora
-from lorakit.quant import quantize_with_report
+from lorakit.quant import check_embeddings_option, quantize_with_report
 from lorakit.targeting import candidate_modules, module_kind
 
 
@@ -39,15 +39,19 @@ def register(sub) -> None:
     p.add_argument("--quantize", choices=("nf4", "int8"),
                    help="store the frozen linear weights as NF4 (QLoRA) or int8 first, and show the "
                         "weight memory before and after per module type")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="with --quantize: also quantize the input embeddings and the output head (kept "
+                        "16/32-bit by default, as QLoRA does)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     targets = args.regex or (parse_targets(args.targets) if args.targets else None)  # fail fast
+    check_embeddings_option(args.quantize, args.quantize_embeddings)
     loaded = load(args.model, task=args.task, num_labels=args.num_labels)
     model = loaded.model
     if args.quantize:
-        print(quantize_with_report(model, args.quantize) + "\n")
+        print(quantize_with_report(model, args.quantize, embeddings=args.quantize_embeddings) + "\n")
     if targets is None:
         print(module_summary(model))
         print(f"\nno --targets given: the plan below is for {ALL_LINEAR!r}; pick modules with "

@@ -2,6 +2,11 @@
 
 Saves a plain Hugging Face model (no LoRA code needed at inference) with its tokenizer, and checks
 on a sample input that the merged model, in memory and reloaded from --out, matches the adapter model.
+
+An adapter trained on a quantized base (QLoRA; its metadata records ``quantized_base``) was trained
+against W = dequant(q(W0)), not W0: by default the base is quantized the same way first and the merge
+is W = dequant(q(W0)) + s B A, the model the adapter was trained with, saved in 16/32-bit.
+``--full-precision-base`` merges onto W0 instead (W0 + s B A, a slightly different model).
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ import torch
 
 from lorakit.cli.common import MB, add_model_task, infer_task
 from lorakit.errors import LoraError
-from lorakit.inject import merge_and_unload
 from lorakit.io import folder_bytes, load_adapter, read_adapter
 from lorakit.models import load, resolve
+from lorakit.quant import merge_and_unload, quantize_as_recorded
 
 MERGE_TOLERANCE = 1e-4      # max |output difference| between adapter model and merged model (fp32)
 SAMPLE_TEXT = ["LoRA adds a low-rank update to frozen weights and merges it back exactly.",
@@ -28,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + "
                                                     "adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="folder for the merged model and its tokenizer")
+    p.add_argument("--full-precision-base", action="store_true",
+                   help="for an adapter trained on a quantized base (QLoRA): merge onto the 16/32-bit "
+                        "base as loaded, not onto the base quantized as in training (the default)")
     add_model_task(p, auto=True)
     p.set_defaults(run=run)
 
@@ -39,7 +47,7 @@ def run(args) -> int:
         if out.resolve() == other.resolve():
             raise LoraError(f"--out {out} is the same folder as {name}; writing there would "
                             "overwrite it. Choose a new folder")
-    cfg, tensors, _ = read_adapter(args.adapter)
+    cfg, tensors, meta = read_adapter(args.adapter)
     task, num_labels = args.task, args.num_labels
     if task == "auto":
         task, found = infer_task(cfg.modules_to_save, tensors)
@@ -48,6 +56,12 @@ def run(args) -> int:
                                  if task == "classification" else ""))
     loaded = load(args.base, task=task, num_labels=num_labels or 2)
     model = load_adapter(loaded.model, args.adapter)
+    record = meta.get("quantized_base")
+    if record and not args.full_precision_base:
+        print(f"the adapter was trained on a quantized base ({record['scheme']}): quantizing the base "
+              "the same way, so the merge is the model it trained against (--full-precision-base "
+              "to skip)")
+        quantize_as_recorded(model, record)
     sample = dict(loaded.tokenizer(SAMPLE_TEXT, padding=True, return_tensors="pt"))
     with torch.no_grad():
         with_adapter = model_output(model, sample)

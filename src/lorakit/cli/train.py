@@ -1,7 +1,8 @@
 """``lorakit train --task TASK --method METHOD [...] --out DIR [--resume] [--quick]``: one run.
 
     lorakit train --task TASK --method METHOD [--r --alpha --targets --lr --batch-size --max-steps
-                  --seed --checkpoint-every N --precision --device --quantize nf4|int8] --out DIR
+                  --seed --checkpoint-every N --precision --device --quantize nf4|int8
+                  [--quantize-embeddings]] --out DIR
                   [--resume] [--quick]
 
 Training flags left out keep the task's defaults (``tasks/<task>.py``, ``train/settings.py``). The
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from lorakit.cli.common import add_train_flags, parse_targets
 from lorakit.experiments.run import run_training
+from lorakit.quant import check_embeddings_option
 from lorakit.tasks.base import ModelOptions
 
 SETTING_FLAGS = ("seed", "device", "precision", "max_steps", "batch_size", "eval_every", "lr",
@@ -25,15 +27,21 @@ def register(sub) -> None:
     p.add_argument("--quantize", choices=("nf4", "int8"),
                    help="QLoRA: store the frozen base's linear weights as NF4 (or int8) under the "
                         "adapters; not with --method full")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="with --quantize: also quantize the input embeddings and the output head (kept "
+                        "16/32-bit by default, as QLoRA does)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    check_embeddings_option(args.quantize, args.quantize_embeddings)
     overrides = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k, None) is not None}
     options = ModelOptions(r=args.r, alpha=args.alpha,
                            targets=parse_targets(args.targets) if args.targets else None,
                            extra={**({"whisper": args.whisper} if args.whisper else {}),
-                                  **({"quantize": args.quantize} if args.quantize else {})})
+                                  **({"quantize": args.quantize} if args.quantize else {}),
+                                  **({"quantize_embeddings": True} if args.quantize_embeddings
+                                     else {})})
     result = run_training(args.task, args.method, args.out, quick=args.quick, overrides=overrides,
                           options=options, resume=args.resume, data_dir=args.data_dir,
                           progress=not args.no_progress, fsdp=args.fsdp)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from lorakit.errors import LoraError
 from lorakit.inject import merge_and_unload
-from lorakit.io import folder_bytes, inside, load_adapter, save_adapter
+from lorakit.io import fingerprint_metadata, folder_bytes, inside, load_adapter, save_adapter
 from lorakit.quant import quantize_base, quantize_for_training
 from lorakit.state import has_lora
 from lorakit.tasks import get_task
@@ -74,7 +74,8 @@ def _run(task, method, out, quick, settings, options, resume, data_dir, progress
     if options.extra.get("quantize"):        # QLoRA: the frozen base stored 4/8-bit under the adapters
         if dist.active:
             raise LoraError("--quantize runs in one process for now; drop torchrun or --quantize")
-        quantize_for_training(model, options.extra["quantize"], method)
+        quantize_for_training(model, options.extra["quantize"], method,
+                              embeddings=options.extra.get("quantize_embeddings", False))
     model._method = method
     result = train(model, task, train_data, val_data, settings, out, resume=resume, progress=progress,
                    dist=dist)
@@ -112,8 +113,9 @@ def _save_weights(model, out: Path) -> int:
     method_io = getattr(model, "method_io", None)
     if method_io is not None:
         return folder_bytes(method_io.save(model, inside(out, "adapter")))
-    if has_lora(model):
-        return folder_bytes(save_adapter(model, inside(out, "adapter")))
+    if has_lora(model):             # with the serve-parity fingerprint where the model takes token ids
+        return folder_bytes(save_adapter(model, inside(out, "adapter"),
+                                         metadata=fingerprint_metadata(model)))
     path = inside(out, "trainable.safetensors")
     save_file(trainable_state(model), str(path))
     return path.stat().st_size
@@ -135,7 +137,8 @@ def verify_saved_adapter(model, task, options, val_data, folder: Path) -> dict:
     method_io = getattr(model, "method_io", None)
     reloaded = method_io.load(fresh, folder) if method_io else load_adapter(fresh, folder)
     if options.extra.get("quantize"):        # the trained model's base, quantized the same (deterministic)
-        quantize_base(reloaded, options.extra["quantize"])
+        quantize_base(reloaded, options.extra["quantize"],
+                      embeddings=options.extra.get("quantize_embeddings", False))
     merge = getattr(method_io, "merge", None) if method_io else merge_and_unload
     outputs = {}
     with torch.no_grad():

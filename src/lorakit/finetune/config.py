@@ -50,6 +50,7 @@ class FinetuneConfig:
     dora: bool = False
     init: str = "gaussian"
     quantize: str | None = None         # nf4 | int8: frozen base weights quantized (QLoRA)
+    quantize_embeddings: bool = False   # with quantize: the input embeddings and output head too
     # training
     lr: float = 2e-4
     schedule: str = "cosine"
@@ -88,6 +89,9 @@ class FinetuneConfig:
         if self.quantize not in (None, "nf4", "int8"):
             raise LoraError(f"--quantize {self.quantize!r}; choose nf4 (QLoRA, Dettmers et al. 2023) "
                             "or int8")
+        if self.quantize_embeddings and not self.quantize:
+            raise LoraError("--quantize-embeddings quantizes with the scheme --quantize names; add "
+                            "--quantize nf4 (or int8), or drop --quantize-embeddings")
         if self.max_steps is not None and self.max_steps < 1:
             raise LoraError(f"--max-steps {self.max_steps!r} must be at least 1")
         if not self.epochs > 0:

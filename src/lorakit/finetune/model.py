@@ -22,7 +22,7 @@ from lorakit.finetune.config import FinetuneConfig
 from lorakit.inject import apply_lora
 from lorakit.models import load
 from lorakit.models.registry import resolve
-from lorakit.quant import quantize_base
+from lorakit.quant import quantize_for_training
 
 HEAD_NAMES = ("classifier", "score")         # BERT-style and decoder sequence-classification heads
 
@@ -78,7 +78,7 @@ def add_lora(model: nn.Module, cfg: FinetuneConfig, task: str) -> nn.Module:
                       modules_to_save=classifier_head(model) if task == "classify" else None)
     model = apply_lora(model, lora)
     if cfg.quantize:                 # after LoRA: only the frozen base weights are quantized
-        quantize_base(model, cfg.quantize)
+        quantize_for_training(model, cfg.quantize, "lora", embeddings=cfg.quantize_embeddings)
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model)
     model.head_modules = []

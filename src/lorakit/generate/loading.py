@@ -1,10 +1,15 @@
 """A causal LM ready to generate: the base (built-in name, HF folder or GGUF file), optionally a LoRA
 adapter merged into it (W = W0 + s B A: no extra matmuls per token, exact), the adapter's tokenizer
-when it carries one (finetune saves it there), and the chosen precision."""
+when it carries one (finetune saves it there), and the chosen precision.
+
+An adapter trained on a quantized base (QLoRA: ``finetune --quantize nf4``; its metadata records how)
+is merged onto the base quantized the same way, W = dequant(q(W0)) + s B A: the model it was trained
+against, not W0 + s B A."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -12,8 +17,9 @@ import torch
 from lorakit.errors import LoraError
 from lorakit.generate.prompts import set_chat_template
 from lorakit.inject import merge_lora
-from lorakit.io import load_adapter
+from lorakit.io import load_adapter, read_adapter
 from lorakit.models import load
+from lorakit.quant import merge_and_unload, quantize_as_recorded
 
 
 def load_for_generation(model_name: str, adapter: str | None = None, chat_template: str | None = None,
@@ -33,7 +39,13 @@ def load_for_generation(model_name: str, adapter: str | None = None, chat_templa
     model, tokenizer = load(model_name, task="causal-lm")
     if adapter is not None:
         model = load_adapter(model, adapter)
-        merge_lora(model)
+        record = read_adapter(adapter)[2].get("quantized_base")
+        if record:
+            print(f"the adapter was trained on a quantized base ({record['scheme']}): generating with "
+                  "the base quantized the same way", file=sys.stderr)
+            model = merge_and_unload(quantize_as_recorded(model, record))
+        else:
+            merge_lora(model)
         if (Path(adapter) / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer  # deferred: heavy optional dependency
             tokenizer = AutoTokenizer.from_pretrained(adapter)

@@ -9,7 +9,7 @@ nn.Linear layout either way, and only the merged delta is transposed to match th
   - fused (``layers/lora_function.py``) when ``takes_fused_path()``: one active adapter whose delta is
     plain LoRA (DoRA changes the math), a layer whose output is one addmm (not fused slices), outside
     ``torch.compile`` (Inductor fuses the eager graph itself), and not a bf16/fp16 training step of
-    fewer than 256 rows, where it measured slower (the rule and its figures: lora_function.py).
+    fewer than 512 rows, where it measured slower (the rule and its figures: lora_function.py).
     Switch it off with ``lorakit.layers.use_fused(False)``, force it with ``use_fused(True)``.
   - mixed (``layers/mixed.py``): a different adapter per batch row, set by ``lorakit.mixed_adapters``.
   - eager (``LoraLayer.forward`` with ``lora_forward`` below): the readable reference, used otherwise.

@@ -13,12 +13,15 @@ imports this package: it sees a quantized weight through ``lorakit.layers.is_qua
 from lorakit.quant.files import load_quantized, save_quantized
 from lorakit.quant.formats import NF4_HALF_GAP, NF4_TABLE, SCHEMES
 from lorakit.quant.merge import merge_and_unload
-from lorakit.quant.quantize import (QuantPlan, check_frozen, dequantize_base, memory_table,
-                                    plan_quantize, quantize_base, quantize_for_training,
-                                    quantize_with_report, quantized_weights, weight_memory)
+from lorakit.quant.quantize import (QuantPlan, check_embeddings_option, check_frozen,
+                                    dequantize_base, memory_table,
+                                    plan_quantize, quantize_as_recorded, quantize_base,
+                                    quantize_for_training, quantize_with_report, quantized_weights,
+                                    weight_memory)
 from lorakit.quant.tensor import QuantizedWeight, quantize_weight
 
 __all__ = ["quantize_base", "plan_quantize", "QuantPlan", "dequantize_base", "merge_and_unload",
            "save_quantized", "load_quantized", "QuantizedWeight", "quantize_weight", "check_frozen",
-           "weight_memory", "memory_table", "quantize_with_report", "quantize_for_training", "quantized_weights", "SCHEMES", "NF4_TABLE",
-           "NF4_HALF_GAP"]
+           "weight_memory", "memory_table", "quantize_with_report", "quantize_for_training",
+           "quantize_as_recorded", "quantized_weights", "check_embeddings_option", "SCHEMES",
+           "NF4_TABLE", "NF4_HALF_GAP"]

@@ -57,6 +57,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     return out
 
 
+def _set_quantized(model: nn.Module, new: dict, aliases: dict, own: dict) -> None:
+    """Each quantized key's Parameter into the model, and the same Parameter under each key tied to it
+    (``lm_head.weight`` -> ``model.embed_tokens.weight``), so tied weights stay one shared object."""
+    params = {key: nn.Parameter(q, requires_grad=False) for key, q in new.items()}
+    params |= {alias: params[key] for alias, key in aliases.items() if key in params and alias in own}
+    for key, param in params.items():
+        owner, _, leaf = key.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, param)
+
+
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load ``save_quantized``'s file into ``model`` (the same architecture, unquantized or not);
     in place, returns the model. Everything is checked before the first weight is replaced."""
@@ -87,9 +97,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for key, t in stored.items():
         if ".qdata." not in key and tuple(own[key].shape) != tuple(t.shape):
             raise LoraError(f"{key}: stored shape {list(t.shape)} but the model has {list(own[key].shape)}")
-    for key, q in new.items():                      # checked: now change the model
-        owner, _, leaf = key.rpartition(".")
-        setattr(model.get_submodule(owner), leaf, nn.Parameter(q, requires_grad=False))
+    _set_quantized(model, new, header["aliases"], own)      # checked: now change the model
     own = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, t in stored.items():

@@ -26,6 +26,10 @@ torchao's own.
 int8. Per output row i: s_i = max_j |W_ij| / 127, codes = round(W / s_i) in [-127, 127]:
 
     codes (out, in) int8     scales (out,) fp32         |w - w~| <= s_i / 2;  8 + 32/in bits per weight
+
+Rows. A quantized embedding table is read a few rows at a time (``nf4_rows``, ``int8_rows``): only the
+looked-up rows are dequantized, each value the same fp32 product as in the whole-table dequantization,
+so a lookup equals ``F.embedding(ids, dequantize())`` bit for bit. NF4 needs rows of whole blocks.
 """
 
 from __future__ import annotations
@@ -159,6 +163,32 @@ def nf4_dequantize(data: dict, meta: dict, shape: tuple) -> torch.Tensor:
     return values.view(scales.numel(), -1).mul_(scales.unsqueeze(1)).view(shape)
 
 
+def nf4_rows_fit(shape, block_size: int = 64, double_quant: bool = True, **_) -> str | None:
+    """None if each row of ``shape`` is a whole number of blocks (what ``nf4_rows`` needs)."""
+    if len(shape) != 2 or shape[1] % block_size:
+        return (f"its rows of {shape[-1]} values are not whole blocks of block_size={block_size}, "
+                "so a lookup could not dequantize single rows")
+    return nf4_fits(shape, block_size, double_quant)
+
+
+def _take(t: torch.Tensor, rows: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of ``t`` viewed as (rows, -1): (*ids.shape, -1). ``index_select`` checks the
+    bounds as ``F.embedding`` does (a negative id is an error, not a wrap-around)."""
+    return t.view(rows, -1).index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
+
+
+def nf4_rows(data: dict, meta: dict, shape: tuple, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of the (out, in) weight in fp32, dequantizing only those rows: (*ids.shape, in).
+
+    With in % block_size == 0, row r is codes[r*in/2 : (r+1)*in/2] and blocks [r*in/bs, (r+1)*in/bs).
+    The stored block scales s~ are computed first (a small vector, numel/block_size), then indexed.
+    Each value is table[code] * s~_j in fp32, the very product ``nf4_dequantize`` forms: same bits."""
+    rows, width = shape
+    values = F.embedding(_take(data["codes"], rows, ids).int(), _pair_table(data["codes"].device))
+    scales = _take(nf4_block_scales(data, meta), rows, ids)              # (*ids, in / bs)
+    return values.view(*scales.shape, -1).mul_(scales.unsqueeze(-1)).view(*ids.shape, width)
+
+
 def int8_fits(shape, **_) -> str | None:
     return None if len(shape) == 2 else f"int8 per output channel needs a 2-D weight, not {shape}"
 
@@ -175,6 +205,12 @@ def int8_dequantize(data: dict, meta: dict, shape: tuple) -> torch.Tensor:
     return (data["codes"].float() * data["scales"].unsqueeze(1)).view(shape)
 
 
+def int8_rows(data: dict, meta: dict, shape: tuple, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` in fp32, codes_r * s_r per row: the same products as ``int8_dequantize``."""
+    rows = shape[0]
+    return _take(data["codes"], rows, ids).float() * _take(data["scales"], rows, ids)
+
+
 @dataclass(frozen=True)
 class Scheme:
     name: str
@@ -183,11 +219,13 @@ class Scheme:
     quantize: Callable                 # (weight, **settings) -> (data, meta)
     dequantize: Callable               # (data, meta, shape) -> fp32 weight
     settings: tuple                    # the quantize_base arguments it takes
+    rows_fit: Callable                 # (shape, **settings) -> None, or why single rows can't be read
+    rows: Callable                     # (data, meta, shape, ids) -> fp32 rows ids of the weight
 
 
 SCHEMES = {
     "nf4": Scheme("nf4", "NF4 4-bit, block scales (double-quantized)", nf4_fits, nf4_quantize,
-                  nf4_dequantize, ("block_size", "double_quant")),
+                  nf4_dequantize, ("block_size", "double_quant"), nf4_rows_fit, nf4_rows),
     "int8": Scheme("int8", "int8, absmax per output channel", int8_fits, int8_quantize,
-                   int8_dequantize, ()),
+                   int8_dequantize, (), int8_fits, int8_rows),
 }

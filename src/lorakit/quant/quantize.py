@@ -8,10 +8,17 @@
 What is quantized: the weight of every ``nn.Linear`` (and subclasses), except the output head (the
 model's output embeddings, or a module named ``lm_head``/``classifier``/``score``/``qa_outputs``),
 anything in ``skip``, and weights whose shape the scheme cannot store (kept, listed with the reason).
-Embeddings, norms, convolutions and biases are never touched. Quantize before or after adding LoRA:
-a LoRA layer's frozen weight is quantized in place (same Parameter key), its factors stay fp32.
-Quantized weights are frozen; training them (method ``full``) is refused by ``check_frozen`` and, at
-the latest, by the first forward that would need their gradient.
+The input embeddings and the output head stay 16/32-bit as in QLoRA, unless ``embeddings=True``: then
+the input embedding table (``get_input_embeddings()``, an ``nn.Embedding``; a lookup dequantizes only
+the rows it reads, so NF4 needs rows of whole blocks) and the output embeddings (``lm_head``) are
+quantized too. Their share of a small model is large (SmolLM2-135M: 28M of 135M weights; Qwen2.5-1.5B:
+233M of 1.54B), so 16-bit embeddings alone hold ~0.15x of a 1.5B model's bf16 bytes. Weights shared by
+several modules (``tie_word_embeddings``: lm_head.weight is embed_tokens.weight) are decided together,
+quantized once and stay one shared Parameter. Other embeddings (positions, token types), norms,
+convolutions, biases and the task heads (``classifier``...) are never touched. Quantize before or
+after adding LoRA: a LoRA layer's frozen weight is quantized in place (same Parameter key), its
+factors stay fp32. Quantized weights are frozen; training them (method ``full``) is refused by
+``check_frozen`` and, at the latest, by the first forward that would need their gradient.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from lorakit.quant.formats import SCHEMES, scaler_block_for
 from lorakit.quant.tensor import quantize_weight
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+KINDS = {"linear": "a linear map", "embedding": "the input embeddings", "head": "the output head"}
 RECORD = "_lorakit_quant"        # model.__dict__ key: how the base was quantized (read by save_adapter)
 
 
@@ -37,8 +45,9 @@ class QuantRow:
     dtype: str
     action: str                   # "quantize" | "keep"
     reason: str = ""
-    bytes_before: int = 0
+    bytes_before: int = 0         # a weight tied to an earlier row's counts 0 (held once)
     bytes_after: int = 0
+    kind: str = "linear"          # "linear" | "embedding" (the input embeddings) | "head" (the output's)
 
 
 @dataclass
@@ -46,6 +55,7 @@ class QuantPlan:
     scheme: str
     settings: dict
     rows: list[QuantRow] = field(default_factory=list)
+    embeddings: bool = False      # the input embeddings and the output head quantized too
 
     @property
     def quantized(self) -> list[QuantRow]:
@@ -60,13 +70,15 @@ class QuantPlan:
         return {"scheme": self.scheme, **self.settings, "method": "QLoRA (Dettmers et al. 2023)"
                 if self.scheme == "nf4" else "int8 absmax per output channel",
                 "format": SCHEMES[self.scheme].bits, "quantized_modules": len(self.quantized),
-                "kept_modules": {r.name: r.reason for r in self.kept}}
+                "kept_modules": {r.name: r.reason for r in self.kept}, "embeddings": self.embeddings}
 
     def table(self) -> str:
-        lines = [f"quantize {self.scheme} {self.settings}: {len(self.quantized)} linear weights "
+        """The header, then every kept weight and every embedding/head row, with the reason."""
+        lines = [f"quantize {self.scheme} {self.settings}"
+                 f"{' + embeddings' if self.embeddings else ''}: {len(self.quantized)} weights "
                  f"quantized, {len(self.kept)} kept"]
-        lines += [f"  {r.action:<9} {r.name:<48} {str(r.shape):<14} {r.reason}" for r in self.rows
-                  if r.action == "keep"]
+        lines += [f"  {r.action:<9} {r.name:<48} {str(r.shape):<14} {r.reason or KINDS[r.kind]}"
+                  for r in self.rows if r.action == "keep" or r.kind != "linear"]
         return "\n".join(lines)
 
 
@@ -84,13 +96,34 @@ def _settings(scheme: str, block_size: int, double_quant: bool) -> dict:
     return {}
 
 
+def _embeddings(model: nn.Module, which: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` / ``get_output_embeddings()`` (which: "input" | "output"),
+    or None where the model has none."""
+    getter = getattr(model, f"get_{which}_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except NotImplementedError:
+        return None
+
+
 def head_names(model: nn.Module) -> set[str]:
     """Module names of the output head: the output embeddings, plus the usual head names."""
     names = {n for n, _ in model.named_modules() if _matches(n, HEAD_NAMES)}
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
+    out = _embeddings(model, "output")
     names |= {n for n, m in model.named_modules() if out is not None and m is out}
     return names
+
+
+def _embedding_why_not(module: nn.Module) -> str | None:
+    """Why the input embeddings cannot be stored quantized, or None."""
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    if isinstance(module, LoraLayer) and module.merged_adapters:
+        return "its adapters are merged; unmerge_lora(model) first"
+    if not isinstance(base, nn.Embedding):
+        return f"a {type(base).__name__}, not an nn.Embedding"
+    if base.max_norm is not None:
+        return f"max_norm={base.max_norm} renormalizes its rows in place; a quantized table is frozen"
+    return None
 
 
 def _linear_weights(model: nn.Module):
@@ -109,33 +142,79 @@ def _linear_weights(model: nn.Module):
                                  ".original_module" in f".{name}" else None)
 
 
-def plan_quantize(model: nn.Module, scheme: str = "nf4", block_size: int = 64,
-                  double_quant: bool = True, skip=()) -> QuantPlan:
-    """Every linear weight, to be quantized or kept (with the reason); changes nothing."""
-    settings = _settings(scheme, block_size, double_quant)
-    if isinstance(skip, str):
-        skip = [skip]
-    plan = QuantPlan(scheme, settings)
-    heads = head_names(model)
+def _weights(model: nn.Module):
+    """(name, module, kind, why-not) for every weight a plan covers: the input embeddings, then each
+    linear map; kind "head" for the output embeddings (or a module named lm_head)."""
+    emb, out = _embeddings(model, "input"), _embeddings(model, "output")
+    if isinstance(emb, nn.Module):
+        name = next((n for n, m in model.named_modules() if m is emb), None)
+        if name is not None:
+            yield name, emb, "embedding", _embedding_why_not(emb)
     for name, module, why_not in _linear_weights(model):
+        head = module is out or name.rpartition(".")[2] == "lm_head"
+        yield name, module, "head" if head else "linear", why_not
+
+
+def plan_quantize(model: nn.Module, scheme: str = "nf4", block_size: int = 64,
+                  double_quant: bool = True, skip=(), embeddings: bool = False) -> QuantPlan:
+    """Every linear weight and the input embeddings, to be quantized or kept (with the reason);
+    changes nothing. ``embeddings``: quantize the input embeddings and the output head too."""
+    settings = _settings(scheme, block_size, double_quant)
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    plan = QuantPlan(scheme, settings, embeddings=bool(embeddings))
+    heads, keys = head_names(model), []
+    for name, module, kind, why_not in _weights(model):
         w = module.weight
         if is_quantized(w):
             raise LoraError(f"{name!r} is already quantized ({w.describe()}); quantizing twice "
                             "would stack the rounding errors. Load the base again to re-quantize")
         row = QuantRow(name, tuple(w.shape), str(w.dtype).replace("torch.", ""), "keep",
-                       bytes_before=w.numel() * w.element_size())
-        reason = (why_not or
-                  ("the output head (kept in full precision, as QLoRA does)" if name in heads else
-                   "in skip" if _matches(name, skip) else
-                   SCHEMES[scheme].fits(tuple(w.shape), **settings)))
-        if not w.is_floating_point():
-            reason = f"its dtype {w.dtype} is not floating point"
+                       bytes_before=w.numel() * w.element_size(), kind=kind)
+        reason = _keep_reason(row, w, why_not, plan, skip, heads)
         if reason:
             row.reason, row.bytes_after = reason, row.bytes_before
         else:
             row.action, row.bytes_after = "quantize", _storage_bytes(w.shape, scheme, settings)
         plan.rows.append(row)
+        keys.append(id(w))
+    _decide_tied(plan.rows, keys)
     return plan
+
+
+def _keep_reason(row: QuantRow, w, why_not, plan: QuantPlan, skip: list, heads: set) -> str | None:
+    """Why this weight stays as it is, or None to quantize it."""
+    if not w.is_floating_point():
+        return f"its dtype {w.dtype} is not floating point"
+    if why_not:
+        return why_not
+    if row.kind == "embedding" and not plan.embeddings:
+        return "the input embeddings (kept 16/32-bit, as QLoRA does; embeddings=True quantizes them)"
+    if row.name in heads and not (plan.embeddings and row.kind == "head"):
+        return "the output head (kept in full precision, as QLoRA does)"
+    if _matches(row.name, skip):
+        return "in skip"
+    scheme = SCHEMES[plan.scheme]             # a lookup reads single rows: NF4 rows of whole blocks
+    fits = scheme.rows_fit if row.kind == "embedding" else scheme.fits
+    return fits(row.shape, **plan.settings)
+
+
+def _decide_tied(rows: list[QuantRow], keys: list[int]) -> None:
+    """Rows sharing one Parameter (tied embeddings) get one decision: if any must stay as it is, all
+    stay (quantizing one would untie them); else the weight is quantized once and shared. Its bytes
+    count on the first row only."""
+    groups: dict[int, list[QuantRow]] = {}
+    for row, key in zip(rows, keys):
+        groups.setdefault(key, []).append(row)
+    for lead, *tied in (g for g in groups.values() if len(g) > 1):
+        kept = next((r for r in (lead, *tied) if r.action == "keep"), None)
+        for r in (lead, *tied):
+            if kept is not None and r.action == "quantize":
+                r.action, r.reason = "keep", f"tied to {kept.name}, which is kept ({kept.reason})"
+            elif r is not lead and r.action == "quantize":
+                r.reason = f"tied to {lead.name}: quantized once, shared"
+        for r in tied:
+            r.bytes_before = r.bytes_after = 0
+        lead.bytes_after = lead.bytes_before if kept is not None else lead.bytes_after
 
 
 def _storage_bytes(shape, scheme: str, settings: dict) -> int:
@@ -150,16 +229,19 @@ def _storage_bytes(shape, scheme: str, settings: dict) -> int:
 
 
 def quantize_base(model: nn.Module, scheme: str = "nf4", block_size: int = 64,
-                  double_quant: bool = True, skip=(), verbose: bool = False) -> nn.Module:
+                  double_quant: bool = True, skip=(), verbose: bool = False,
+                  embeddings: bool = False) -> nn.Module:
     """Store every frozen Linear weight quantized (see the module docstring); in place, returns model.
 
     scheme: "nf4" (QLoRA: 4-bit NormalFloat, ``block_size`` weights per absmax scale, scales
     double-quantized to 8 bits) or "int8" (absmax per output channel; block settings unused).
-    The whole plan is checked first: a refused call changes nothing. Quantized weights are frozen
-    (requires_grad=False); a forward that would train them raises. ``model.__dict__["_lorakit_quant"]`` keeps the plan's
-    record for the adapter metadata.
+    embeddings: also the input embedding table and the output head (kept 16/32-bit by default, as
+    QLoRA does); tied ones stay one shared, quantized Parameter. The whole plan is checked first: a
+    refused call changes nothing. Quantized weights are frozen (requires_grad=False); a forward that
+    would train them raises. ``model.__dict__["_lorakit_quant"]`` keeps the plan's record for the
+    adapter metadata.
     """
-    plan = plan_quantize(model, scheme, block_size, double_quant, skip)
+    plan = plan_quantize(model, scheme, block_size, double_quant, skip, embeddings)
     todo = plan.quantized
     try:
         from tqdm.auto import tqdm  # deferred: heavy optional dependency
@@ -167,16 +249,24 @@ def quantize_base(model: nn.Module, scheme: str = "nf4", block_size: int = 64,
                     leave=False)
     except ImportError:
         pass
+    done: dict[int, tuple] = {}        # id(dense weight) -> (it, kept alive; its quantized Parameter)
     for row in todo:
         module = model.get_submodule(row.name)
-        q = nn.Parameter(quantize_weight(module.weight, scheme, **plan.settings), requires_grad=False)
-        module.weight = q
-        if isinstance(module, LoraLayer):          # the wrapped layer shares the Parameter
-            module.base_layer.weight = q
+        w = module.weight
+        if id(w) not in done:          # tied weights: quantized once, one Parameter shared again
+            done[id(w)] = (w, nn.Parameter(quantize_weight(w, scheme, **plan.settings),
+                                           requires_grad=False))
+        _set_weight(module, done[id(w)][1])
     model.__dict__[RECORD] = plan.record()
     if verbose:
         print(plan.table())
     return model
+
+
+def _set_weight(module: nn.Module, q: nn.Parameter) -> None:
+    module.weight = q
+    if isinstance(module, LoraLayer):          # the wrapped layer shares the Parameter
+        module.base_layer.weight = q
 
 
 def quantized_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -211,16 +301,38 @@ def quantize_with_report(model: nn.Module, scheme: str, **options) -> str:
         memory_table(before, weight_memory(model))
 
 
-def quantize_for_training(model: nn.Module, scheme: str, method: str) -> nn.Module:
+def quantize_for_training(model: nn.Module, scheme: str, method: str,
+                          embeddings: bool = False) -> nn.Module:
     """QLoRA set-up for a training run (``lorakit train --quantize``): refuse ``full`` (it would train
-    the weights being frozen into 4/8 bits), quantize, check nothing quantized is set to train."""
+    the weights being frozen into 4/8 bits), quantize (``embeddings``: the input embeddings and the
+    output head too, ``--quantize-embeddings``), check nothing quantized is set to train."""
     if method == "full":
         raise LoraError(f"--quantize {scheme} with --method full: full fine-tuning trains the base "
                         "weights, and a quantized base is frozen. Use a LoRA method (QLoRA) or drop "
                         "--quantize")
-    quantize_base(model, scheme)
+    quantize_base(model, scheme, embeddings=embeddings)
     check_frozen(model)
     return model
+
+
+def quantize_as_recorded(model: nn.Module, record: dict) -> nn.Module:
+    """Quantize ``model`` as the ``quantized_base`` record in a QLoRA adapter's metadata says (scheme,
+    block size, double quantization, the modules kept, whether the embeddings were), so a merge or a
+    generation with that adapter runs on the base it was trained against. In place, returns the model."""
+    if not isinstance(record, dict) or record.get("scheme") not in SCHEMES:
+        raise LoraError(f"the adapter's quantized_base record {record!r} names no known scheme "
+                        f"({sorted(SCHEMES)}); the adapter metadata is damaged")
+    return quantize_base(model, record["scheme"], block_size=record.get("block_size", 64),
+                         double_quant=record.get("double_quant", True),
+                         skip=list(record.get("kept_modules", {})),
+                         embeddings=bool(record.get("embeddings", False)))
+
+
+def check_embeddings_option(scheme: str | None, embeddings: bool) -> None:
+    """Refuse ``--quantize-embeddings`` without ``--quantize``: it names no scheme of its own."""
+    if embeddings and not scheme:
+        raise LoraError("--quantize-embeddings quantizes with the scheme --quantize names; add "
+                        "--quantize nf4 (or int8), or drop --quantize-embeddings")
 
 
 def check_frozen(model: nn.Module) -> None:

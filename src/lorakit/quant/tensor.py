@@ -11,6 +11,10 @@ so only the 4/8-bit storage stays alive between forward and backward (QLoRA, Det
 torchao's ``LinearNF4`` and bitsandbytes' ``MatMul4Bit`` do the same). Under autocast, x and b are cast
 to the autocast dtype and W is dequantized straight to it.
 
+``F.embedding(ids, W)`` (an ``nn.Embedding`` with a quantized table) dequantizes the looked-up rows
+only (``formats.py``, "Rows"): the same bits as ``F.embedding(ids, W.dequantize())``, without a dense
+copy of the table; a table whose rows are not whole NF4 blocks is dequantized whole instead.
+
 Any other op on the weight runs on its dequantized value and returns a plain tensor (``W + 1``,
 ``W @ v``, ``W.sum()``), so code that only reads weights keeps working. Writing into it in place
 (``copy_``, ``add_``...) raises: a quantized weight changes only by re-quantizing, explicitly.
@@ -56,6 +60,14 @@ class QuantizedWeight(torch.Tensor):
         dense = SCHEMES[self.scheme].dequantize(self.qdata, self.meta, tuple(self.shape))
         return dense.to(dtype or self.dtype)
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``ids`` of the weight, (*ids.shape, in): equal to ``self.dequantize(dtype)[ids]``
+        bit for bit (computed in fp32, rounded once), but only those rows are dequantized."""
+        scheme = SCHEMES[self.scheme]
+        if scheme.rows_fit(tuple(self.shape), **self.meta):         # rows are not whole blocks
+            return self.dequantize(dtype)[ids]
+        return scheme.rows(self.qdata, self.meta, tuple(self.shape), ids).to(dtype or self.dtype)
+
     def quantize_like(self, dense: torch.Tensor) -> QuantizedWeight:
         """``dense`` quantized with this weight's scheme and settings (used by requantized merges)."""
         return quantize_weight(dense, self.scheme, dtype=self.dtype, **self.meta)
@@ -89,6 +101,8 @@ class QuantizedWeight(torch.Tensor):
         kwargs = kwargs or {}
         if func is F.linear:
             return quantized_linear(*args, **kwargs)
+        if func is F.embedding:
+            return quantized_embedding(*args, **kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -144,12 +158,16 @@ class DequantLinear(torch.autograd.Function):
         return dx, None, db
 
 
-def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias=None) -> torch.Tensor:
-    """``F.linear`` for a quantized weight: x (..., in) -> (..., out)."""
+def _check_frozen(weight: QuantizedWeight) -> None:
     if weight.requires_grad:
         raise LoraError(f"a quantized weight ({weight.describe()}) is set to train; quantized "
                         "bases are frozen: train LoRA on top (QLoRA), or load the base unquantized "
                         "for full fine-tuning")
+
+
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias=None) -> torch.Tensor:
+    """``F.linear`` for a quantized weight: x (..., in) -> (..., out)."""
+    _check_frozen(weight)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -159,3 +177,18 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias=None) -> tor
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     return DequantLinear.apply(x, weight, bias)
+
+
+def quantized_embedding(ids: torch.Tensor, weight: QuantizedWeight, padding_idx=None, max_norm=None,
+                        *_, **__) -> torch.Tensor:
+    """``F.embedding`` for a quantized table: the rows ``ids`` in the weight's dtype, as a lookup in
+    the dequantized table gives them. padding_idx, scale_grad_by_freq and sparse only shape the
+    table's gradient, and a quantized table has none; max_norm would rewrite rows in place: refused."""
+    if not isinstance(weight, QuantizedWeight):
+        raise LoraError("F.embedding on a quantized weight needs it as the table, not the token ids")
+    if max_norm is not None:
+        raise LoraError(f"an embedding lookup with max_norm={max_norm} renormalizes the table's rows "
+                        f"in place; a quantized table ({weight.describe()}) is frozen. Keep this "
+                        "embedding unquantized (quantize_base(..., embeddings=False))")
+    _check_frozen(weight)
+    return weight.rows(ids)

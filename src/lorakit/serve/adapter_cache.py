@@ -326,5 +326,9 @@ class AdapterCache:
             return "unchecked (no fingerprint recorded at save)"
         check = compare(record, adapted, base, head_adapter=head)
         if not check.ok:
-            raise LoraError(check.message)
+            quant = meta.get("quantized_base")
+            hint = (f"; it was trained on a {quant.get('scheme')}-quantized base (QLoRA): serve its "
+                    "merge (lorakit merge quantizes the base as in training) or run it with lorakit "
+                    "generate, which does the same") if isinstance(quant, dict) else ""
+            raise LoraError(check.message + hint)
         return f"checked (max probe difference {check.error:.1e})"
