@@ -5,6 +5,7 @@ Each mode runs in its own process (so peak memory is its own) on the same data, 
     bf16   the base in bf16, LoRA (fp32 factors) on every linear layer of the blocks
     nf4    the same base quantized with lorakit.quantize_base(model, "nf4") (QLoRA: NF4, block 64,
            double-quantized scales), the same LoRA on top
+    nf4-emb  the same with embeddings=True: the input embeddings and output head quantized too
 
 Both train under bf16 autocast with activation checkpointing (the finetune issue's
 ``--grad-checkpoint``), AdamW on the LoRA factors, on an SFT set: the synthetic E2E data-to-text pairs
@@ -17,7 +18,8 @@ and for nf4 where the extra time goes (dequantization per step, timed alone) and
 default merge (16/32-bit, exact) and the re-quantized merge (reported, forced through).
 
 Run: ``flock /tmp/lorakit-cpu.lock .venv/bin/python benchmarks/quant_bench.py --model qwen2.5-1.5b``
-(about 30 minutes on 2 cores; ``--model smollm2`` about 5). Writes benchmarks/results/quant_bench_<model>.{json,md}.
+(about 30 minutes on 2 cores; ``--model smollm2`` about 5). Writes
+benchmarks/results/quant_bench_<model>.{json,md}.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import quant_models  # noqa: E402  (the benchmark's own helper, next to this file)
 
 OUT = Path(__file__).parent / "results"
+MODES = ("bf16", "nf4", "nf4-emb")    # nf4-emb: quantize_base(..., embeddings=True)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -120,11 +123,11 @@ def child(args) -> dict:
     bf16_weights = sum(r["bytes"] for r in weight_memory(model).values())
     plan = plan_quantize(model, "nf4")
     t0 = time.perf_counter()
-    if args.mode == "nf4":
-        lorakit.quantize_base(model, "nf4")
+    if args.mode != "bf16":                 # nf4, or nf4-emb: the embeddings and head too
+        lorakit.quantize_base(model, "nf4", embeddings=args.mode == "nf4-emb")
     quantize_s = time.perf_counter() - t0
     linear_before = sum(r.bytes_before for r in plan.quantized)
-    linear_after = sum(r.bytes_after if args.mode == "nf4" else r.bytes_before for r in plan.quantized)
+    linear_after = sum(r.bytes_after if args.mode != "bf16" else r.bytes_before for r in plan.quantized)
     weights = sum(r["bytes"] for r in weight_memory(model).values())
     torch.manual_seed(0)
     lorakit.apply_lora(model, lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
@@ -161,9 +164,9 @@ def child(args) -> dict:
               "train_losses": losses, "step_s_median": statistics.median(times[1:] or times),
               "tokens_per_step": int(train[0]["attention_mask"].numel()),
               "load_average_after": os.getloadavg()[0]}
-    if args.mode == "nf4":
+    if args.mode != "bf16":
         result.update(dequant_cost(model))
-        if args.merges:
+        if args.merges and args.mode == "nf4":
             result.update(merge_errors(model, val[0]))
     return result
 
@@ -205,34 +208,34 @@ def merge_errors(model, batch) -> dict:
             "logit_scale": ref.abs().max().item()}
 
 
-def table(bf16: dict, nf4: dict) -> str:
+def table(bf16: dict, nf4: dict, emb: dict) -> str:
     gib = 2**30
-    rows = [
-        ("weight memory: the quantized linear layers", f"{bf16['quantizable_linear_bytes'] / gib:.3f} GiB",
-         f"{nf4['quantizable_linear_bytes'] / gib:.3f} GiB",
-         f"{nf4['quantizable_linear_bytes'] / bf16['quantizable_linear_bytes']:.3f}x", "<= 0.30x"),
-        ("weight memory: whole model (embeddings, head, norms kept)",
-         f"{bf16['weight_bytes'] / gib:.3f} GiB", f"{nf4['weight_bytes'] / gib:.3f} GiB",
-         f"{nf4['weight_bytes'] / bf16['weight_bytes']:.3f}x", "<= 0.30x"),
-        ("training peak memory (above interpreter)", f"{bf16['rss_peak_above_base'] / gib:.3f} GiB",
-         f"{nf4['rss_peak_above_base'] / gib:.3f} GiB",
-         f"{nf4['rss_peak_above_base'] / bf16['rss_peak_above_base']:.3f}x", "<= 0.6x"),
-        ("validation loss after training", f"{bf16['val_loss_after']:.4f}", f"{nf4['val_loss_after']:.4f}",
-         f"{(nf4['val_loss_after'] / bf16['val_loss_after'] - 1) * 100:+.2f}%", "within 3%"),
-        ("step time (median)", f"{bf16['step_s_median']:.2f} s", f"{nf4['step_s_median']:.2f} s",
-         f"{nf4['step_s_median'] / bf16['step_s_median']:.2f}x", "reported"),
-    ]
-    lines = ["| | bf16 LoRA | QLoRA (nf4) | ratio | target |", "|---|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
+
+    def row(name, key, fmt, target, rel=None):
+        ratio = rel or (lambda r: f"{r[key] / bf16[key]:.3f}x")
+        return (f"| {name} | {fmt(bf16[key])} | {fmt(nf4[key])} | {ratio(nf4)} | {fmt(emb[key])} | "
+                f"{ratio(emb)} | {target} |")
+    size = lambda v: f"{v / gib:.3f} GiB"                           # noqa: E731
+    loss_change = lambda r: f"{(r['val_loss_after'] / bf16['val_loss_after'] - 1) * 100:+.2f}%"  # noqa: E731
+    lines = ["| | bf16 LoRA | QLoRA (nf4) | ratio | nf4 + embeddings and head | ratio | target |",
+             "|---|---|---|---|---|---|---|",
+             row("weight memory: the quantized linear layers", "quantizable_linear_bytes", size,
+                 "<= 0.30x"),
+             row("weight memory: whole model", "weight_bytes", size, "<= 0.30x"),
+             row("training peak memory (above interpreter)", "rss_peak_above_base", size, "<= 0.6x"),
+             row("validation loss after training", "val_loss_after", lambda v: f"{v:.4f}", "within 3%",
+                 loss_change),
+             row("step time (median)", "step_s_median", lambda v: f"{v:.2f} s", "reported")]
     extra = nf4["step_s_median"] - bf16["step_s_median"]
     lines += ["", f"Where the extra {extra:.2f} s a step goes: dequantizing every NF4 weight to bf16 takes "
               f"{nf4['dequant_all_once_s']:.2f} s; a step does it 3 times (forward, recomputed forward "
               f"under checkpointing, backward for dx) = {nf4['dequant_per_step_s']:.2f} s.",
               f"Validation loss before training: bf16 {bf16['val_loss_before']:.4f}, nf4 "
-              f"{nf4['val_loss_before']:.4f}. Kept unquantized: {', '.join(nf4['kept']) or 'none'}.",
+              f"{nf4['val_loss_before']:.4f}, nf4 + embeddings {emb['val_loss_before']:.4f}. Kept "
+              f"unquantized by default: {', '.join(nf4['kept']) or 'none'}.",
               f"Load average (1 min) at the end of each run: bf16 {bf16['load_average_after']:.1f}, nf4 "
-              f"{nf4['load_average_after']:.1f} on {os.cpu_count()} cores (above that, step times are "
-              "inflated by other processes)."]
+              f"{nf4['load_average_after']:.1f}, nf4 + embeddings {emb['load_average_after']:.1f} on "
+              f"{os.cpu_count()} cores (above that, step times are inflated by other processes)."]
     if "merge_exact_max_logit_diff" in nf4:
         lines += [f"Merges, fp32 (max |logit diff| vs the unmerged QLoRA model; logits reach "
               f"{nf4['logit_scale']:.1f}): default 16/32-bit merge {nf4['merge_exact_max_logit_diff']:.3g}; "
@@ -253,7 +256,7 @@ def main() -> None:
     ap.add_argument("--merges", type=int, default=None,
                     help="measure merge errors in fp32 (1/0; default: on for smollm2 only, the 1.5B "
                          "model's fp32 merged copy would need ~9 GB more)")
-    ap.add_argument("--child", dest="mode", choices=("bf16", "nf4"))
+    ap.add_argument("--child", dest="mode", choices=MODES)
     args = ap.parse_args()
     if args.merges is None:
         args.merges = int(args.model == "smollm2")
@@ -263,7 +266,7 @@ def main() -> None:
     if args.model == "qwen2.5-1.5b":
         quant_models.qwen_dir()            # build the cache once, outside the measured runs
     results = {}
-    for mode in ("bf16", "nf4"):
+    for mode in MODES:
         cmd = [sys.executable, __file__, "--child", mode] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "mode"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -276,7 +279,7 @@ def main() -> None:
     name = f"quant_bench_{args.model}"
     (OUT / f"{name}.json").write_text(json.dumps({"args": vars(args), **results}, indent=2))
     text = f"{args.model}: {results['bf16']['params']:,} parameters, {args.steps} steps of " \
-           f"{args.batch} sequences\n\n" + table(results["bf16"], results["nf4"])
+           f"{args.batch} sequences\n\n" + table(results["bf16"], results["nf4"], results["nf4-emb"])
     (OUT / f"{name}.md").write_text(text + "\n")
     print(text)
 

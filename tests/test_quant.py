@@ -429,3 +429,18 @@ def test_bad_input_is_refused_before_anything_changes(tmp_path):
         model(ids(), labels=ids()).loss.backward()
     with pytest.raises(lorakit.LoraError, match="requantize=True needs"):
         lorakit.merge_and_unload(lora(tiny_llama()), requantize=True)
+
+
+def test_quantizing_lets_go_of_a_memory_mapped_checkpoint():
+    """Kept tensors backed by memory torch did not allocate (a safetensors memory map; here a numpy
+    buffer) are copied, so the file's mapping, with every 16-bit page read while quantizing, can go."""
+    import numpy as np
+    model = tiny_llama(seed=3)
+    norm = model.model.norm
+    outside = np.random.default_rng(0).random(norm.weight.shape[0], dtype=np.float32)
+    norm.weight = nn.Parameter(torch.from_numpy(outside), requires_grad=False)
+    assert not norm.weight.untyped_storage().resizable()
+    lorakit.quantize_base(model, "nf4")
+    assert norm.weight.untyped_storage().resizable()
+    assert norm.weight.data_ptr() != outside.ctypes.data and torch.equal(norm.weight,
+                                                                         torch.from_numpy(outside))

@@ -229,6 +229,24 @@ def _storage_bytes(shape, scheme: str, settings: dict) -> int:
     return n // 2 + blocks + 4 * (blocks // scaler_block_for(blocks)) + 4
 
 
+def release_file_backed(model: nn.Module) -> None:
+    """Copy the tensors still backed by the checkpoint file into the process's own memory.
+
+    A model loaded from safetensors holds its weights in a memory map of the file. Quantizing reads
+    every weight, and each page read stays mapped (resident, counted in RSS) as long as any tensor of
+    the file is alive: the kept embeddings and norms would keep the whole 16-bit checkpoint resident
+    (Qwen2.5-1.5B: 3.8 GB resident, 1.3 GB after this copy). Such tensors are recognised by their
+    storage, which torch cannot resize (memory it did not allocate); the copy lets the map go."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is not None and not is_quantized(t) and not t.untyped_storage().resizable():
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.clone()          # in place: tied modules keep sharing it
+                    else:
+                        table[key] = t.clone()
+
+
 def quantize_base(model: nn.Module, scheme: str = "nf4", block_size: int = 64,
                   double_quant: bool = True, skip=(), verbose: bool = False,
                   embeddings: bool = False) -> nn.Module:
@@ -258,6 +276,8 @@ def quantize_base(model: nn.Module, scheme: str = "nf4", block_size: int = 64,
             done[id(w)] = (w, nn.Parameter(quantize_weight(w, scheme, **plan.settings),
                                            requires_grad=False))
         _set_weight(module, done[id(w)][1])
+    done.clear()
+    release_file_backed(model)
     model.__dict__[RECORD] = plan.record()
     if verbose:
         print(plan.table())
