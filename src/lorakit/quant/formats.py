@@ -156,11 +156,30 @@ def nf4_block_scales(data: dict, meta: dict) -> torch.Tensor:
     return (codes / factor.unsqueeze(1)).reshape(-1) + data["scale_mean"]
 
 
-def nf4_dequantize(data: dict, meta: dict, shape: tuple) -> torch.Tensor:
+# Dequantization runs in chunks of this many weights: the fp32 products of a chunk (2 MB) stay in the
+# core's cache on their way to the output dtype, and no full-size fp32 copy of the weight is made (the
+# head of a 150K-token vocabulary would need 0.9 GB for it). To bf16, same bits as one pass, 2 threads:
+# 8960 x 1536 (Qwen2.5-1.5B's MLP) 10.3 ms vs 27.0 ms, 151936 x 1536 (its head) 308 vs 713 ms,
+# 1536 x 576 (SmolLM2's MLP) 0.73 vs 0.68 ms; chunks of 2^16 to 2^21 weights measured, 2^19 best.
+DEQUANT_CHUNK = 1 << 19
+
+
+def nf4_dequantize(data: dict, meta: dict, shape: tuple, dtype: torch.dtype = torch.float32
+                   ) -> torch.Tensor:
+    """The (out, in) weight in ``dtype``: table[code] * s~_j formed in fp32 and rounded once to
+    ``dtype``, chunk by chunk (the same bits as one pass)."""
     codes = data["codes"]
-    values = F.embedding(codes.int(), _pair_table(codes.device))         # (numel / 2, 2), fresh
     scales = nf4_block_scales(data, meta)
-    return values.view(scales.numel(), -1).mul_(scales.unsqueeze(1)).view(shape)
+    block = codes.numel() * 2 // scales.numel()
+    out = torch.empty(shape, dtype=dtype, device=codes.device).view(scales.numel(), block)
+    table = _pair_table(codes.device)
+    step = max(1, DEQUANT_CHUNK // block)                                # blocks per chunk
+    for start in range(0, scales.numel(), step):
+        stop = min(start + step, scales.numel())
+        values = F.embedding(codes[start * block // 2:stop * block // 2].int(), table)
+        values = values.view(stop - start, block).mul_(scales[start:stop].unsqueeze(1))
+        out[start:stop].copy_(values)
+    return out.view(shape)
 
 
 def nf4_rows_fit(shape, block_size: int = 64, double_quant: bool = True, **_) -> str | None:
@@ -201,8 +220,9 @@ def int8_quantize(w: torch.Tensor) -> tuple[dict, dict]:
     return {"codes": codes, "scales": scales}, {}
 
 
-def int8_dequantize(data: dict, meta: dict, shape: tuple) -> torch.Tensor:
-    return (data["codes"].float() * data["scales"].unsqueeze(1)).view(shape)
+def int8_dequantize(data: dict, meta: dict, shape: tuple, dtype: torch.dtype = torch.float32
+                    ) -> torch.Tensor:
+    return (data["codes"].float() * data["scales"].unsqueeze(1)).view(shape).to(dtype)
 
 
 def int8_rows(data: dict, meta: dict, shape: tuple, ids: torch.Tensor) -> torch.Tensor:
@@ -217,7 +237,7 @@ class Scheme:
     bits: str                          # for tables: "4-bit NF4 + 8-bit block scales"
     fits: Callable
     quantize: Callable                 # (weight, **settings) -> (data, meta)
-    dequantize: Callable               # (data, meta, shape) -> fp32 weight
+    dequantize: Callable               # (data, meta, shape, dtype=fp32) -> the weight in dtype
     settings: tuple                    # the quantize_base arguments it takes
     rows_fit: Callable                 # (shape, **settings) -> None, or why single rows can't be read
     rows: Callable                     # (data, meta, shape, ids) -> fp32 rows ids of the weight

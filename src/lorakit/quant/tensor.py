@@ -57,8 +57,8 @@ class QuantizedWeight(torch.Tensor):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a plain (out, in) tensor: computed in fp32, rounded once to ``dtype``
         (default: the weight's own dtype). Deterministic: the same bits every call."""
-        dense = SCHEMES[self.scheme].dequantize(self.qdata, self.meta, tuple(self.shape))
-        return dense.to(dtype or self.dtype)
+        return SCHEMES[self.scheme].dequantize(self.qdata, self.meta, tuple(self.shape),
+                                               dtype or self.dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows ``ids`` of the weight, (*ids.shape, in): equal to ``self.dequantize(dtype)[ids]``
