@@ -164,7 +164,7 @@ def test_demo_runs_the_gw_comparison_into_runs_demo(monkeypatch, capsys):
     assert main(["demo"]) == 0
     # time_pairs: the closing interleaved lora/full step timing (the report's cost ratio, issue 17)
     assert calls == [(("gw", None, "runs/demo"), {"quick": False, "train_args": [], "time_pairs": 16})]
-    assert "About 12 minutes" in capsys.readouterr().out       # the time is said up front
+    assert f"About {lorakit.cli.demo.DEMO_MINUTES} minutes" in capsys.readouterr().out   # said up front
 
 
 def test_train_and_compare_refuse_unknown_names(tmp_path, capsys):
