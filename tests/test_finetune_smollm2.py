@@ -11,17 +11,22 @@ import torch
 from finetune_helpers import run_cli
 
 
-@pytest.mark.slow
-def test_smollm2_chatterbot_quick_finetune_generate_and_peft_parity(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("gguf")
-    pytest.importorskip("datasets")
-    pytest.importorskip("chatterbot_corpus")
+def quick_chatterbot_finetune(tmp_path, monkeypatch, out, *extra):
+    """``lorakit finetune --model smollm2 --data chatterbot --quick`` cut short; returns PEFT."""
+    for module in ("gguf", "datasets", "chatterbot_corpus"):
+        pytest.importorskip(module)
     peft = pytest.importorskip("peft")
     monkeypatch.setenv("LORAKIT_DATA", str(tmp_path / "data"))
-    out = tmp_path / "sft"
     assert run_cli(["finetune", "--model", "smollm2", "--data", "chatterbot", "--quick", "--out", out,
-                    "--max-examples", "64", "--max-steps", "4", "--samples", "1", "--sample-tokens",
-                    "12", "--no-progress"]) == 0
+                    "--samples", "1", "--no-progress", *extra]) == 0
+    return peft
+
+
+@pytest.mark.slow
+def test_smollm2_chatterbot_quick_finetune_generate_and_peft_parity(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sft"
+    peft = quick_chatterbot_finetune(tmp_path, monkeypatch, out, "--max-examples", "64",
+                                     "--max-steps", "4", "--sample-tokens", "12")
     result = json.loads((out / "result.json").read_text())
     assert result["format"] == "messages" and result["chat"] and result["steps"] == 4
     assert result["history"][-1]["val_loss"] < result["val_loss_before"]
@@ -48,14 +53,9 @@ def test_smollm2_qlora_finetune_generate_and_peft_loading(tmp_path, monkeypatch,
     """QLoRA from the command line: finetune on the NF4-quantized SmolLM2, generate with the adapter
     (on the base quantized as in training), and the adapter loads in PEFT on the 16/32-bit base with
     the same logits as lorakit's load there."""
-    pytest.importorskip("gguf")
-    pytest.importorskip("chatterbot_corpus")
-    peft = pytest.importorskip("peft")
-    monkeypatch.setenv("LORAKIT_DATA", str(tmp_path / "data"))
     out = tmp_path / "qlora"
-    assert run_cli(["finetune", "--model", "smollm2", "--data", "chatterbot", "--quick", "--out", out,
-                    "--quantize", "nf4", "--max-examples", "48", "--max-steps", "3", "--samples", "1",
-                    "--sample-tokens", "8", "--no-progress"]) == 0
+    peft = quick_chatterbot_finetune(tmp_path, monkeypatch, out, "--quantize", "nf4", "--max-examples",
+                                     "48", "--max-steps", "3", "--sample-tokens", "8")
     result = json.loads((out / "result.json").read_text())
     assert result["history"][-1]["val_loss"] < result["val_loss_before"]
     from lorakit.io import load_adapter, read_adapter
