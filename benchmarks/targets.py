@@ -88,10 +88,9 @@ def targets(groups: list[dict], peak: dict) -> list[dict]:
             continue
         share = g["info"].get("lorakit", {}).get("fused_share")
         if share == 0.0:          # the default took the eager path in every layer: the reference itself
-            rows.append({"target": f"default path vs eager, {m} {p}", "value": 1.0, "low": 1.0,
-                         "high": 1.0, "bound": 1.00, "at_least": False, "met": True,
-                         "how": "the default is the eager path at this shape (same code; measured "
-                                f"{_describe(_ratio(g, 'lorakit/eager'))})"})
+            add(f"default path vs eager, {m} {p}", (1.0, 1.0, 1.0), 1.00,
+                "the default is the eager path at this shape (same code; measured "
+                f"{_describe(_ratio(g, 'lorakit/eager'))})")
         else:
             add(f"default path vs eager, {m} {p}", _ratio(g, "lorakit/eager"), 1.00,
                 "lorakit default / eager" + ("" if share is None else f" ({share:.0%} of layer calls fused)"))

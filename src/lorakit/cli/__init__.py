@@ -25,6 +25,7 @@ from lorakit import __version__
 from lorakit.cli import (analyze, chat, check_adapter, compare, demo, finetune, generate, inspect,
                          lorahub, merge, serve, train)
 from lorakit.errors import LoraError
+from lorakit.quant.formats import IMPORT_NOISE_LOGGERS
 
 VERBS = (inspect, train, compare, merge, demo, analyze, lorahub, finetune, generate, chat, serve,
          check_adapter)
@@ -40,14 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Import-time warnings of optional libraries that say nothing about the user's run: torchao reports
-# every CUDA-only kernel library it cannot load on a CPU machine, and torch's pytree warns about
-# torchao's enum registration. Real errors (level ERROR) still show.
-QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
-
-
 def main(argv: list[str] | None = None) -> int:
-    for name in QUIET_LOGGERS:
+    for name in IMPORT_NOISE_LOGGERS:         # torchao's import-time warnings; real errors still show
         logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:

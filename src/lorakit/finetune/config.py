@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from lorakit.errors import LoraError
+from lorakit.quant import check_embeddings_option
 
 # tomllib is in the standard library from Python 3.11; on 3.10 YAML and JSON configs still work
 tomllib = importlib.import_module("tomllib") if importlib.util.find_spec("tomllib") else None
@@ -89,9 +90,7 @@ class FinetuneConfig:
         if self.quantize not in (None, "nf4", "int8"):
             raise LoraError(f"--quantize {self.quantize!r}; choose nf4 (QLoRA, Dettmers et al. 2023) "
                             "or int8")
-        if self.quantize_embeddings and not self.quantize:
-            raise LoraError("--quantize-embeddings quantizes with the scheme --quantize names; add "
-                            "--quantize nf4 (or int8), or drop --quantize-embeddings")
+        check_embeddings_option(self.quantize, self.quantize_embeddings)
         if self.max_steps is not None and self.max_steps < 1:
             raise LoraError(f"--max-steps {self.max_steps!r} must be at least 1")
         if not self.epochs > 0:

@@ -25,6 +25,8 @@ In inference (no autograd) a layer reuses its stacks while no factor changed (``
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,22 @@ def stack_factors(lora, names: tuple, in_features: int, out_features: int, devic
     return torch.stack(a_list), torch.stack(b_list)
 
 
+class RowStacks(NamedTuple):
+    """What ``cached_stacks`` keeps on a layer: the stacks and what they were built from."""
+    names: tuple
+    device: torch.device
+    deltas: list                # each name's delta module (None: the layer lacks it)
+    scales: list                # each delta's scale then
+    versions: list              # (factor tensor, its in-place version counter then)
+    stacks: tuple               # (A_stack, B_stack)
+
+    def still_valid(self, names: tuple, device, modules: dict) -> bool:
+        return (self.names == names and self.device == device
+                and all(modules.get(n) is d for n, d in zip(names, self.deltas))
+                and all(d is None or d.scale == sc for d, sc in zip(self.deltas, self.scales))
+                and all(t._version == v for t, v in self.versions))
+
+
 def cached_stacks(layer, names: tuple, device):
     """``stack_factors`` for ``layer``, rebuilt only when a factor changed (inference only: with
     autograd on, fresh stacks keep the graph to A and B). The cache remembers each name's delta object,
@@ -61,17 +79,14 @@ def cached_stacks(layer, names: tuple, device):
         return stack_factors(layer.lora, names, layer.in_features, layer.out_features, device)
     modules = layer.lora._modules
     cached = layer.__dict__.get("_row_stacks")
-    if cached is not None and cached[0] == names and cached[1] == device \
-            and all(modules.get(n) is d for n, d in zip(names, cached[2])) \
-            and all(d is None or d.scale == sc for d, sc in zip(cached[2], cached[3])) \
-            and all(t._version == v for t, v in cached[4]):
-        return cached[5]
+    if cached is not None and cached.still_valid(names, device, modules):
+        return cached.stacks
     deltas = [modules.get(n) for n in names]
     tensors = [t for d in deltas if d is not None for t in (d._parameters["A"], d._parameters["B"])]
     stacks = stack_factors(layer.lora, names, layer.in_features, layer.out_features, device)
-    scales = [None if d is None else d.scale for d in deltas]
-    layer.__dict__["_row_stacks"] = (names, device, deltas, scales, [(t, t._version) for t in tensors],
-                                     stacks)
+    layer.__dict__["_row_stacks"] = RowStacks(names, device, deltas,
+                                              [None if d is None else d.scale for d in deltas],
+                                              [(t, t._version) for t in tensors], stacks)
     return stacks
 
 

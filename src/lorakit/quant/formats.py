@@ -100,10 +100,16 @@ def nf4_fits(shape, block_size: int = 64, double_quant: bool = True, **_) -> str
     return None
 
 
+# Loggers that torchao's import fills with warnings saying nothing about the run: one for each optional
+# compiled kernel (CUDA, mxfp8) it cannot load on a CPU machine, and torch's pytree about torchao's
+# enum registration. Quieted here while lorakit imports torchao, and by the CLI for the whole run
+# (transformers imports torchao too).
+IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def _torchao_nf4():
-    """torchao's NF4Tensor class. Imported quietly: torchao logs a warning for each optional compiled
-    kernel (CUDA, mxfp8) it cannot load on this machine, none of which NF4 uses."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    """torchao's NF4Tensor class, imported with ``IMPORT_NOISE_LOGGERS`` at ERROR level."""
+    loggers = [logging.getLogger(name) for name in IMPORT_NOISE_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
