@@ -44,6 +44,10 @@ def lib(tmp_path_factory):
     transformers.LlamaForCausalLM(config).save_pretrained(other)
     word_tokenizer().save_pretrained(other)
     make_adapter(other, spare / "wrongbase", seed=6)
+    # the same, declared a classification adapter (as the gw task's Whisper adapters are)
+    shutil.copytree(spare / "wrongbase", spare / "wronghead")
+    config_file = spare / "wronghead" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "modules_to_save": ["score"]}))
     return root, base, folder
 
 
@@ -145,6 +149,8 @@ CHAT_BAD = [
                           ("/v1/unload_lora_adapter", {"lora_name": "ghost"}, 404, "ghost"),
                           ("/v1/classify", {"model": "qv", "input": "x"}, 400, "lm adapter"),
                           ("/v1/classify", {"model": "tiny", "input": "x"}, 400, "untrained"),
+                          ("/v1/completions", {"model": "spare/wronghead", "prompt": "x"}, 400,
+                           "trained on another base model"),
                           ("/v1/nowhere", {}, 404, "no route")])
 def test_bad_requests_get_4xx_json_naming_the_problem(server, path, body, status, words):
     raw = body if isinstance(body, bytes) else None

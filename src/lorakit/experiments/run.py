@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 
 from lorakit.errors import LoraError
 from lorakit.inject import merge_and_unload
-from lorakit.io import fingerprint_metadata, folder_bytes, inside, load_adapter, save_adapter
-from lorakit.quant import quantize_base, quantize_for_training
+from lorakit.io import fingerprint_metadata, folder_bytes, inside, load_adapter, read_metadata, save_adapter
+from lorakit.quant import quantize_as_recorded, quantize_base, quantize_for_training
 from lorakit.state import has_lora
 from lorakit.tasks import get_task
 from lorakit.tasks.base import ModelOptions
@@ -137,8 +137,16 @@ def verify_saved_adapter(model, task, options, val_data, folder: Path) -> dict:
     method_io = getattr(model, "method_io", None)
     reloaded = method_io.load(fresh, folder) if method_io else load_adapter(fresh, folder)
     if options.extra.get("quantize"):        # the trained model's base, quantized the same (deterministic)
-        quantize_base(reloaded, options.extra["quantize"],
-                      embeddings=options.extra.get("quantize_embeddings", False))
+        # through the adapter's own record, as merge and generate will: a record that lost a field fails here
+        record = None if method_io else read_metadata(folder).get("quantized_base")
+        if record:
+            quantize_as_recorded(reloaded, record)
+        elif method_io:
+            quantize_base(reloaded, options.extra["quantize"],
+                          embeddings=options.extra.get("quantize_embeddings", False))
+        else:
+            raise LoraError(f"the QLoRA adapter saved in {folder} carries no quantized_base record; "
+                            "please report this as a bug")
     merge = getattr(method_io, "merge", None) if method_io else merge_and_unload
     outputs = {}
     with torch.no_grad():

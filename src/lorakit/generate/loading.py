@@ -17,7 +17,7 @@ import torch
 from lorakit.errors import LoraError
 from lorakit.generate.prompts import set_chat_template
 from lorakit.inject import merge_lora
-from lorakit.io import load_adapter, read_adapter
+from lorakit.io import load_adapter, read_metadata
 from lorakit.models import load
 from lorakit.quant import merge_and_unload, quantize_as_recorded
 
@@ -39,7 +39,7 @@ def load_for_generation(model_name: str, adapter: str | None = None, chat_templa
     model, tokenizer = load(model_name, task="causal-lm")
     if adapter is not None:
         model = load_adapter(model, adapter)
-        record = read_adapter(adapter)[2].get("quantized_base")
+        record = read_metadata(adapter).get("quantized_base")
         if record:
             print(f"the adapter was trained on a quantized base ({record['scheme']}): generating with "
                   "the base quantized the same way", file=sys.stderr)

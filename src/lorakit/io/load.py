@@ -62,6 +62,19 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     return cfg, tensors, meta
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+    """lorakit's record in a saved adapter's safetensors metadata (base shapes, fingerprint, the
+    quantized base of a QLoRA adapter); reads the file's header only, no tensor. {} when absent."""
+    folder = adapter_dir(Path(path))
+    _refuse_link_out(folder, WEIGHTS_NAME)
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {}).get(META_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LoraError(f"{folder / WEIGHTS_NAME} is corrupt or truncated ({err}); save it again")
+    return meta if isinstance(meta, dict) else {}
+
+
 def set_adapter_weights(model: nn.Module, path: str | os.PathLike,
                         adapter_name: str = "default") -> nn.Module:
     """Copy a saved adapter's tensors into the model's adapter ``adapter_name`` in place (PEFT's

@@ -32,7 +32,7 @@ import torch
 from lorakit.adapters import delete_adapter, set_adapter, set_row_adapters
 from lorakit.errors import LoraError
 from lorakit.inject import activate
-from lorakit.io import load_adapter, read_adapter
+from lorakit.io import load_adapter, read_adapter, read_metadata
 from lorakit.io.fingerprint import FINGERPRINT_KEY, compare, probe_output
 from lorakit.io.names import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.serve.classify import ClassifierPool, head_size, label_names
@@ -92,6 +92,30 @@ def _kind(folder: Path) -> str:
     return "classify" if heads or task in ("SEQ_CLS", "TOKEN_CLS") else "lm"
 
 
+def base_mismatch(folder: Path, model) -> str | None:
+    """The first module whose base shape the adapter recorded at save (``base_shapes`` in lorakit's
+    safetensors metadata) that ``model`` lacks or shapes differently, described; None when every
+    recorded shape fits, nothing was recorded, or the header cannot be read (the load will say why).
+    Reads the header only, so it is cheap enough to explain a refused request."""
+    if model is None:
+        return None
+    try:
+        meta = read_metadata(folder)
+    except LoraError:
+        return None
+    shapes = meta.get("base_shapes")
+    if not isinstance(shapes, dict):
+        return None
+    for path, shape in shapes.items():
+        try:
+            weight = model.get_submodule(path).weight
+        except AttributeError:
+            return f"it adapts {path!r}, which this base does not have"
+        if isinstance(shape, list) and list(weight.shape) != shape:
+            return f"it was saved for {path!r} of shape {tuple(shape)}, this base has {tuple(weight.shape)}"
+    return None
+
+
 class AdapterCache:
     def __init__(self, model, classifiers: ClassifierPool, roots: list[Path], max_loaded: int,
                  metrics: ServeMetrics, base_name: str):
@@ -136,6 +160,10 @@ class AdapterCache:
         if entry is None or entry.removed:
             raise UnknownAdapter(f"no model or adapter named {name!r}; GET /v1/models lists them")
         return entry
+
+    def foreign_base(self, entry: Adapter) -> str | None:
+        """Why ``entry`` belongs to another base model (``base_mismatch``), or None."""
+        return base_mismatch(entry.path, self.model)
 
     def describe(self) -> list[dict]:
         with self.lock:

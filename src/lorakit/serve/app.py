@@ -132,6 +132,10 @@ def create_app(settings: ServeSettings, loaded: LoadedModel | None = None):
         except UnknownAdapter as err:
             raise ApiError(404, str(err), param="model", code="model_not_found") from None
         if entry.kind != kind:
+            foreign = server.adapters.foreign_base(entry)
+            if foreign:
+                raise ApiError(400, f"{name} was trained on another base model ({foreign}); this "
+                                    f"server serves {server.base_name}", param="model")
             use = "/v1/classify" if entry.kind == "classify" else "/v1/completions"
             raise ApiError(400, f"{name} is a {entry.kind} adapter; send it to {use}", param="model")
         return name
