@@ -68,6 +68,9 @@ def test_load_change_and_cpu_share_are_warned_about():
     warnings = load_warnings(busy)
     assert len(warnings) == 2 and "load changed" in warnings[0] and "lora 1.1 -> 3.5" in warnings[0]
     assert "CPU time" in warnings[1]
+    assert "--time-pairs" in warnings[0]                       # no interleaved ratio yet: how to get one
+    busy["paired_timing"] = {"ratio": 0.7}
+    assert "interleaved ratio above" in load_warnings(busy)[0]
     assert load_warnings({"methods": {"full": {"train_time_s": 1.0}}}) == []     # reused runs: no data
 
 

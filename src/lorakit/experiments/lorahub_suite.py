@@ -60,8 +60,11 @@ def run_suite(args, tasks: list[str], out: Path) -> dict:
             results["tasks"][new][str(seed)] = rows
             print(f"{new} seed {seed}: " + ", ".join(f"{k} {v['val']:.3f}" for k, v in rows.items()),
                   flush=True)
+    chosen = sorted({row["algorithm"] for per_task in results["tasks"].values() for rows in per_task.values()
+                     for row in rows.values() if "algorithm" in row})
     results["config"] = {"tasks": tasks, "shots": args.shots, "seeds": args.seeds, "max_evals": evals,
-                         "l1": l1, "optimizer": "nevergrad NGOpt, start 0, box [-1.5, 1.5]",
+                         "l1": l1, "optimizer": f"nevergrad NGOpt (it chose {', '.join(chosen)}), start 0, "
+                                                "box [-1.5, 1.5]",
                          "val_examples": VAL_SIZE[args.quick], "rank": RANK, "targets": TARGETS,
                          "steps": args.steps or STEPS[args.quick]}
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
@@ -99,7 +102,7 @@ def one_task(model, upstream: list[str], shots: dict, held_out: dict, evals: int
         weights, search = lorahub(model, upstream, shots, fewshot_loss, mode=mode, l1=l1, max_evals=evals,
                                   new_name=f"lorahub_{mode}", optimizer="nevergrad", seed=seed)
         record(f"LoraHub ({mode})", weights=weights, evaluations=search["evaluations"],
-               objective=search["best"]["objective"])
+               objective=search["best"]["objective"], algorithm=search["algorithm"])
     add_adapter(model, "fewshot_lora", LoraConfig(r=RANK, alpha=ALPHA, target_modules=TARGETS))
     set_adapter(model, "fewshot_lora")
     train_adapter(model, shots, args.steps or STEPS[args.quick], seed)

@@ -22,9 +22,11 @@ def load_warnings(results: dict) -> list[str]:
     lines = []
     if max(loads) - min(loads) > LOAD_CHANGE:
         detail = ", ".join(f"{m} {s['load'][0]:.1f} -> {s['load'][1]:.1f}" for m, s in seen.items())
+        fair = ("The interleaved ratio above is the fair comparison." if results.get("paired_timing") else
+                "`--time-pairs N` times the methods' steps interleaved in one process, the fair comparison.")
         lines.append(f"Warning: the machine's load changed while methods trained (1-min load average "
                      f"before -> after each run: {detail}); wall times of different methods may compare "
-                     f"different machine states. The interleaved ratio below is the fair comparison.")
+                     f"different machine states. {fair}")
     shares = [s["cpu_share"] for s in seen.values() if s.get("cpu_share")]
     if shares and max(shares) > 1.25 * min(shares):
         detail = ", ".join(f"{m} {s['cpu_share']:.2f}" for m, s in seen.items() if s.get("cpu_share"))
