@@ -137,16 +137,15 @@ def verify_saved_adapter(model, task, options, val_data, folder: Path) -> dict:
     method_io = getattr(model, "method_io", None)
     reloaded = method_io.load(fresh, folder) if method_io else load_adapter(fresh, folder)
     if options.extra.get("quantize"):        # the trained model's base, quantized the same (deterministic)
-        # through the adapter's own record, as merge and generate will: a record that lost a field fails here
-        record = None if method_io else read_metadata(folder).get("quantized_base")
-        if record:
-            quantize_as_recorded(reloaded, record)
-        elif method_io:
+        if method_io:                         # its own format keeps no record: the run's options
             quantize_base(reloaded, options.extra["quantize"],
                           embeddings=options.extra.get("quantize_embeddings", False))
-        else:
-            raise LoraError(f"the QLoRA adapter saved in {folder} carries no quantized_base record; "
-                            "please report this as a bug")
+        else:          # the adapter's own record, as merge and generate use it: a lost field fails here
+            record = read_metadata(folder).get("quantized_base")
+            if not record:
+                raise LoraError(f"the QLoRA adapter saved in {folder} carries no quantized_base record; "
+                                "please report this as a bug")
+            quantize_as_recorded(reloaded, record)
     merge = getattr(method_io, "merge", None) if method_io else merge_and_unload
     outputs = {}
     with torch.no_grad():

@@ -14,5 +14,5 @@ from lorakit.io.peft_format import config_from_peft, peft_config_dict
 from lorakit.io.save import lora_state_dict, save_adapter
 
 __all__ = ["load_adapter", "read_adapter", "read_metadata", "set_adapter_weights", "save_adapter",
-           "lora_state_dict", "config_from_peft", "peft_config_dict", "fingerprint_metadata", "atomic_write", "folder_bytes", "inside",
-           "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
+           "lora_state_dict", "config_from_peft", "peft_config_dict", "fingerprint_metadata", "atomic_write",
+           "folder_bytes", "inside", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]

@@ -50,12 +50,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         cfg = config_from_peft(raw)
     except TypeError as err:
         raise LoraError(f"{folder / CONFIG_NAME} has a field of the wrong type ({err})") from None
-    try:
-        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
-            tensors = {strip_prefix(k): handle.get_tensor(k) for k in handle.keys()}
-            meta = json.loads((handle.metadata() or {}).get(META_KEY, "{}"))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise LoraError(f"{folder / WEIGHTS_NAME} is corrupt or truncated ({err}); save it again")
+    tensors, meta = _read_weights(folder, lambda handle: (
+        {strip_prefix(k): handle.get_tensor(k) for k in handle.keys()}, _record(handle)))
     for option, suffix in TRAINING_ONLY_KEYS.items():
         if raw.get(option):
             tensors = {k: v for k, v in tensors.items() if not k.endswith(suffix)}
@@ -67,12 +63,22 @@ def read_metadata(path: str | os.PathLike) -> dict:
     quantized base of a QLoRA adapter); reads the file's header only, no tensor. {} when absent."""
     folder = adapter_dir(Path(path))
     _refuse_link_out(folder, WEIGHTS_NAME)
+    meta = _read_weights(folder, _record)
+    return meta if isinstance(meta, dict) else {}
+
+
+def _read_weights(folder: Path, read):
+    """``read(handle)`` on the adapter's safetensors file, a damaged file refused by name."""
     try:
         with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get(META_KEY, "{}"))
+            return read(handle)
     except (SafetensorError, OSError, ValueError) as err:
         raise LoraError(f"{folder / WEIGHTS_NAME} is corrupt or truncated ({err}); save it again")
-    return meta if isinstance(meta, dict) else {}
+
+
+def _record(handle):
+    """lorakit's JSON record in the safetensors header ({} when the file has none)."""
+    return json.loads((handle.metadata() or {}).get(META_KEY, "{}"))
 
 
 def set_adapter_weights(model: nn.Module, path: str | os.PathLike,

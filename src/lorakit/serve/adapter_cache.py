@@ -161,10 +161,6 @@ class AdapterCache:
             raise UnknownAdapter(f"no model or adapter named {name!r}; GET /v1/models lists them")
         return entry
 
-    def foreign_base(self, entry: Adapter) -> str | None:
-        """Why ``entry`` belongs to another base model (``base_mismatch``), or None."""
-        return base_mismatch(entry.path, self.model)
-
     def describe(self) -> list[dict]:
         with self.lock:
             return [{"id": e.name, "kind": e.kind, "resident": e.key is not None, "parity": e.parity,

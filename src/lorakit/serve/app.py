@@ -26,7 +26,7 @@ from lorakit.errors import LoraError
 from lorakit.generate.prompts import encode_prompt, render_chat
 from lorakit.models import LoadedModel
 from lorakit.serve import openai_format as fmt
-from lorakit.serve.adapter_cache import UnknownAdapter
+from lorakit.serve.adapter_cache import UnknownAdapter, base_mismatch
 from lorakit.serve.metrics import CONTENT_TYPE
 from lorakit.serve.requests import (ApiError, GenParams, parse_adapter_request, parse_body,
                                     parse_chat, parse_classify, parse_completion)
@@ -132,7 +132,7 @@ def create_app(settings: ServeSettings, loaded: LoadedModel | None = None):
         except UnknownAdapter as err:
             raise ApiError(404, str(err), param="model", code="model_not_found") from None
         if entry.kind != kind:
-            foreign = server.adapters.foreign_base(entry)
+            foreign = base_mismatch(entry.path, server.model)
             if foreign:
                 raise ApiError(400, f"{name} was trained on another base model ({foreign}); this "
                                     f"server serves {server.base_name}", param="model")
